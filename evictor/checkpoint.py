@@ -1,0 +1,147 @@
+"""Evict one container: a stateful stop that really frees its memory.
+
+Steps, each of which either completes or leaves the container RUNNING:
+preflight -> dump (lxc-checkpoint -s) -> seal (fsync, checksum, drop from the
+page cache) -> commit (the manifest). A container is STOPPED only once its
+image is complete; if anything fails after CRIU stopped it, it is restored
+from that image at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from evictor import criu
+from evictor.errors import (
+    CheckpointFailed,
+    EvictorError,
+    InvalidState,
+    PreflightError,
+)
+from evictor.images import ImageState, ImageStore
+from evictor.lxc_runtime import LxcRuntime
+from evictor.manifest import Manifest
+from evictor.model import ContainerState, validate_container_name
+
+log = logging.getLogger(__name__)
+
+# Room the store must have beyond the container's memory usage: CRIU's metadata
+# and the tmpfs mounts it archives are small, a usage figure can grow meanwhile.
+FREE_SPACE_MARGIN_BYTES = 64 << 20
+FREE_SPACE_MARGIN_RATIO = 0.05
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Eviction:
+    manifest: Manifest
+    duration_seconds: float  # the whole eviction, preflight to commit
+
+
+def required_free_bytes(usage_bytes: int) -> int:
+    return usage_bytes + max(FREE_SPACE_MARGIN_BYTES, int(usage_bytes * FREE_SPACE_MARGIN_RATIO))
+
+
+def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> int:
+    """Check that ``name`` can be evicted now; return its memory usage in bytes."""
+    state = runtime.state(name)
+    if state is not ContainerState.RUNNING:
+        raise InvalidState(
+            f"{name}: is {state.value}, only a RUNNING container can be evicted", container=name
+        )
+    if store.image_state(name) is ImageState.COMMITTED:
+        raise InvalidState(
+            f"{name}: is RUNNING but has a committed image in {store.root} from an earlier"
+            " eviction; it was started outside evictor (remove the image to evict it again)",
+            container=name,
+        )
+    criu.check_criu()
+    usage_bytes = runtime.memory_usage_bytes(name) or 0
+    free_bytes = store.free_bytes()
+    if free_bytes < required_free_bytes(usage_bytes):
+        raise PreflightError(
+            f"{name}: image store {store.root} has {free_bytes >> 20} MiB free, the container"
+            f" needs about {required_free_bytes(usage_bytes) >> 20} MiB",
+            container=name,
+        )
+    return usage_bytes
+
+
+def evict(
+    runtime: LxcRuntime, store: ImageStore, name: str, *, reason: str = "operator request"
+) -> Eviction:
+    """Checkpoint ``name`` to the image store and stop it; raise EvictorError on failure."""
+    validate_container_name(name)
+    started = time.monotonic()
+    with store.lock(name):
+        usage_bytes = preflight(runtime, store, name)
+        image_dir = store.begin(name)
+        try:
+            dump_started = time.monotonic()
+            runtime.checkpoint(name, image_dir)
+            dump_seconds = time.monotonic() - dump_started
+            state = runtime.state(name)
+            if state is not ContainerState.STOPPED:
+                raise CheckpointFailed(
+                    f"{name}: is {state.value} after a successful dump",
+                    container=name,
+                    phase="dump",
+                )
+            files = store.seal(name)
+            manifest = Manifest(
+                container=name,
+                lxc_path=str(runtime.lxc_path),
+                reason=reason,
+                evicted_at=time.time(),
+                memory_usage_bytes=usage_bytes,
+                dump_duration_seconds=round(dump_seconds, 6),
+                files=files,
+                dump_stats=criu.parse_dump_stats((image_dir / "stats-dump").read_bytes()),
+            )
+            store.commit(manifest)
+        except BaseException as error:
+            _roll_back(runtime, store, name, error)
+            raise
+    eviction = Eviction(manifest=manifest, duration_seconds=time.monotonic() - started)
+    log.info(
+        "evicted %s (%s): %d bytes in use, image %d bytes, %.2f s (dump %.2f s, frozen %.2f s)",
+        name,
+        reason,
+        usage_bytes,
+        manifest.image_bytes,
+        eviction.duration_seconds,
+        dump_seconds,
+        manifest.dump_stats.frozen_time_us / 1e6,
+    )
+    return eviction
+
+
+def _roll_back(runtime: LxcRuntime, store: ImageStore, name: str, error: BaseException) -> None:
+    """Leave the container RUNNING after a failed eviction, and say so in the log.
+
+    A failed dump leaves it running (CRIU thaws it) or frozen; a failure after
+    the dump (sealing, the manifest) finds it stopped with an uncommitted image,
+    which is then restored at once.
+    """
+    state = runtime.state(name)
+    log.warning(
+        "eviction of %s failed (%s); container is %s, rolling back", name, error, state.value
+    )
+    if state is ContainerState.FROZEN:
+        runtime.thaw(name)
+        state = runtime.state(name)
+    if state is ContainerState.STOPPED and store.image_state(name) is not ImageState.NONE:
+        try:
+            runtime.restore(name, store.path(name))
+        except EvictorError:
+            # The uncommitted image is the container's only state: set it aside
+            # where no later dump will remove it.
+            kept = store.quarantine(name)
+            log.error(
+                "%s: could not restore after a failed eviction; its image is kept at %s", name, kept
+            )
+            raise
+        state = runtime.state(name)
+    if state is ContainerState.RUNNING:
+        store.discard_partial(name)

@@ -1,0 +1,142 @@
+"""What evictor reads from CRIU: its logs, its stats files, and ``criu check``.
+
+pycriu is not on PyPI, so the two small protobuf messages of the stats files
+are decoded here (see criu/images/stats.proto).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import struct
+import subprocess
+
+from evictor.errors import PreflightError
+
+# Printed on every dump and restore on machines without CAP_SYS_RESOURCE, where
+# CRIU cannot raise its own RLIMIT_NOFILE; it is harmless, never the reason.
+_HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
+_SUMMARY_ERRORS = ("Dumping FAILED.", "Restoring FAILED.")
+
+
+def log_errors(log_text: str, *, most: int = 3) -> tuple[str, ...]:
+    """The last ``most`` error lines of a CRIU log that explain a failure.
+
+    Harmless noise and CRIU's closing "FAILED." summary are left out, so that
+    what remains says why.
+    """
+    lines = []
+    for raw in log_text.splitlines():
+        line = raw.strip()
+        if not line.startswith("Error"):
+            continue
+        if any(noise in line for noise in _HARMLESS_ERRORS + _SUMMARY_ERRORS):
+            continue
+        lines.append(line)
+    return tuple(lines[-most:])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DumpStats:
+    """CRIU's own figures for a dump (its times are in microseconds)."""
+
+    freezing_time_us: int = 0
+    frozen_time_us: int = 0
+    memdump_time_us: int = 0
+    memwrite_time_us: int = 0
+    pages_scanned: int = 0
+    pages_written: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RestoreStats:
+    forking_time_us: int = 0
+    restore_time_us: int = 0
+    pages_restored: int = 0
+
+
+_DUMP_FIELDS = {
+    1: "freezing_time_us",
+    2: "frozen_time_us",
+    3: "memdump_time_us",
+    4: "memwrite_time_us",
+    5: "pages_scanned",
+    7: "pages_written",
+}
+_RESTORE_FIELDS = {3: "forking_time_us", 4: "restore_time_us", 5: "pages_restored"}
+# A stats file starts with two little-endian magics, CRIU's "service image" one
+# and the STATS one; the entry follows as a 32-bit length and a protobuf message.
+_IMG_SERVICE_MAGIC = 0x55105940
+_STATS_MAGIC = 0x57093306
+
+
+class StatsFormatError(ValueError):
+    pass
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise StatsFormatError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data: bytes) -> dict[int, int | bytes]:
+    """Decode one protobuf message into {field number: value} (varints and bytes)."""
+    fields: dict[int, int | bytes] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            fields[number], pos = _varint(data, pos)
+        elif wire_type == 2:
+            length, pos = _varint(data, pos)
+            fields[number] = data[pos : pos + length]
+            pos += length
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise StatsFormatError(f"unsupported wire type {wire_type}")
+    return fields
+
+
+def _stats_entry(raw: bytes, field: int) -> dict[int, int | bytes]:
+    if len(raw) < 12:
+        raise StatsFormatError("stats file too short")
+    common, magic, length = struct.unpack_from("<III", raw)
+    if common != _IMG_SERVICE_MAGIC or magic != _STATS_MAGIC:
+        raise StatsFormatError("not a CRIU stats file")
+    entry = _fields(raw[12 : 12 + length])
+    inner = entry.get(field)
+    if not isinstance(inner, bytes):
+        raise StatsFormatError("stats entry missing")
+    return _fields(inner)
+
+
+def parse_dump_stats(raw: bytes) -> DumpStats:
+    fields = _stats_entry(raw, 1)
+    return DumpStats(**{name: int(fields.get(n, 0)) for n, name in _DUMP_FIELDS.items()})
+
+
+def parse_restore_stats(raw: bytes) -> RestoreStats:
+    fields = _stats_entry(raw, 2)
+    return RestoreStats(**{name: int(fields.get(n, 0)) for n, name in _RESTORE_FIELDS.items()})
+
+
+def check_criu(criu: str = "criu") -> None:
+    """Raise PreflightError unless ``criu check`` passes on this kernel."""
+    if shutil.which(criu) is None:
+        raise PreflightError(f"{criu} not found: run scripts/setup.sh to install CRIU >= 4.2")
+    result = subprocess.run([criu, "check"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr or result.stdout).strip().splitlines()
+        raise PreflightError(
+            f"'criu check' fails on this kernel: {reason[-1] if reason else 'no output'}"
+        )

@@ -1,0 +1,235 @@
+"""The image store: one root-only directory per evicted container.
+
+Layout under the store root (default /var/lib/evictor/images, mode 0700)::
+
+    NAME/              CRIU's image files, dump.log, stats-dump (0700 / 0600)
+    NAME/manifest.json the commit point: written last, atomically
+    .NAME.lock         flock held by whoever is evicting or restoring NAME
+    .NAME.kept-NS      an image set aside after a failure, for the operator
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from evictor.errors import CorruptImage, ImageError, LockBusy, NoImage
+from evictor.manifest import MANIFEST_NAME, ImageFile, Manifest, ManifestError
+from evictor.model import validate_container_name
+
+# Files a failed restore attempt adds beside a committed image; they are not
+# part of the image, and CRIU never reads them.
+_RESTORE_LEFTOVERS = frozenset({"restore.log", "stats-restore"})
+
+
+class ImageState(enum.Enum):
+    NONE = "none"
+    PARTIAL = "partial"  # a directory without a manifest: an interrupted dump
+    COMMITTED = "committed"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoredImage:
+    container: str
+    state: ImageState
+    manifest: Manifest | None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal_file(path: Path) -> ImageFile:
+    """Make one image file durable, checksum it, and drop it from the page cache.
+
+    A dump leaves the image as dirty page cache, so the container's memory is
+    not free until the pages are written back and released (PLATFORM.md).
+    """
+    with open(path, "rb") as image_file:
+        fd = image_file.fileno()
+        os.fdatasync(fd)
+        digest = hashlib.file_digest(image_file, "sha256").hexdigest()
+        size_bytes = os.fstat(fd).st_size
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.chmod(path, 0o600)
+    return ImageFile(name=path.name, size_bytes=size_bytes, sha256=digest)
+
+
+def verify_file(directory: Path, expected: ImageFile) -> str | None:
+    """Return why ``expected`` does not match the file on disk, or None if it does."""
+    path = directory / expected.name
+    try:
+        with open(path, "rb") as image_file:
+            size_bytes = os.fstat(image_file.fileno()).st_size
+            if size_bytes != expected.size_bytes:
+                return f"{expected.name} is {size_bytes} bytes, expected {expected.size_bytes}"
+            if hashlib.file_digest(image_file, "sha256").hexdigest() != expected.sha256:
+                return f"{expected.name} does not match its checksum"
+    except FileNotFoundError:
+        return f"{expected.name} is missing"
+    return None
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def ensure(self) -> None:
+        """Create the store root, root-only; tighten it if it was looser."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def path(self, container: str) -> Path:
+        return self.root / validate_container_name(container)
+
+    @contextlib.contextmanager
+    def lock(self, container: str) -> Iterator[None]:
+        """Hold the container's lock, or raise LockBusy at once if another holds it."""
+        self.ensure()
+        lock_path = self.root / f".{validate_container_name(container)}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as error:
+                raise LockBusy(
+                    f"{container}: another evictor process is evicting or restoring it",
+                    container=container,
+                ) from error
+            yield
+        finally:
+            os.close(fd)
+
+    def image_state(self, container: str) -> ImageState:
+        directory = self.path(container)
+        if (directory / MANIFEST_NAME).is_file():
+            return ImageState.COMMITTED
+        if directory.is_dir():
+            return ImageState.PARTIAL
+        return ImageState.NONE
+
+    def begin(self, container: str) -> Path:
+        """Make an empty image directory for a new dump.
+
+        A partial image left by an interrupted dump is removed; a committed one
+        is refused, since it may be the only copy of the container's state.
+        """
+        self.ensure()
+        state = self.image_state(container)
+        directory = self.path(container)
+        if state is ImageState.COMMITTED:
+            raise ImageError(
+                f"{container}: a committed image already exists at {directory}",
+                container=container,
+            )
+        if state is ImageState.PARTIAL:
+            shutil.rmtree(directory)
+        directory.mkdir(mode=0o700)
+        return directory
+
+    def seal(self, container: str) -> tuple[ImageFile, ...]:
+        """Seal every file CRIU wrote (see seal_file), then the directory itself."""
+        directory = self.path(container)
+        files = tuple(seal_file(path) for path in sorted(directory.iterdir()) if path.is_file())
+        _fsync_dir(directory)
+        return files
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write the manifest atomically: after this the image is the container's state."""
+        directory = self.path(manifest.container)
+        temporary = directory / f".{MANIFEST_NAME}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, manifest.to_json().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, directory / MANIFEST_NAME)
+        _fsync_dir(directory)
+
+    def load(self, container: str) -> Manifest:
+        """The committed manifest, unverified against the files."""
+        directory = self.path(container)
+        try:
+            text = (directory / MANIFEST_NAME).read_text()
+        except FileNotFoundError as error:
+            what = "an incomplete image (no manifest)" if directory.is_dir() else "no image"
+            raise NoImage(f"{container}: has {what} in {self.root}", container=container) from error
+        try:
+            manifest = Manifest.from_json(text)
+        except ManifestError as error:
+            raise CorruptImage(f"{container}: {error}", container=container) from error
+        if manifest.container != container:
+            raise CorruptImage(
+                f"{container}: manifest is for container {manifest.container!r}",
+                container=container,
+            )
+        return manifest
+
+    def verify(self, container: str) -> Manifest:
+        """Load the manifest and check every image file against it.
+
+        Raises CorruptImage naming the first problem; the image is left as it is.
+        """
+        manifest = self.load(container)
+        directory = self.path(container)
+        listed = {f.name for f in manifest.files}
+        for path in directory.iterdir():
+            if path.name not in listed | _RESTORE_LEFTOVERS | {MANIFEST_NAME}:
+                raise CorruptImage(
+                    f"{container}: unexpected file {path.name} in image", container=container
+                )
+        for image_file in manifest.files:
+            problem = verify_file(directory, image_file)
+            if problem:
+                raise CorruptImage(f"{container}: {problem}", container=container)
+        return manifest
+
+    def discard(self, container: str) -> None:
+        shutil.rmtree(self.path(container), ignore_errors=False)
+        _fsync_dir(self.root)
+
+    def discard_partial(self, container: str) -> None:
+        """Remove a dump that was never committed; a committed image is never touched."""
+        if self.image_state(container) is ImageState.PARTIAL:
+            self.discard(container)
+
+    def quarantine(self, container: str) -> Path:
+        """Move an image aside, out of every other operation's way, and return where."""
+        kept = self.root / f".{validate_container_name(container)}.kept-{time.time_ns()}"
+        os.rename(self.path(container), kept)
+        _fsync_dir(self.root)
+        return kept
+
+    def free_bytes(self) -> int:
+        self.ensure()
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize
+
+    def images(self) -> list[StoredImage]:
+        """Every image in the store, committed or partial, by container name."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.iterdir()):
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            state = self.image_state(path.name)
+            manifest = None
+            if state is ImageState.COMMITTED:
+                with contextlib.suppress(ImageError):
+                    manifest = self.load(path.name)
+            found.append(StoredImage(container=path.name, state=state, manifest=manifest))
+        return found

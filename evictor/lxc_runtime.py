@@ -1,0 +1,193 @@
+"""The one place evictor talks to LXC.
+
+Queries (state, init pid) go through the liblxc binding, so that sampling many
+containers spawns no processes. Checkpoint and restore go through
+``lxc-checkpoint``, since no Python binding wraps liblxc's checkpoint calls;
+every command is an argument list, never a shell string.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import lxc
+
+from evictor import cgroups, criu
+from evictor.errors import CheckpointFailed, ContainerNotFound, EvictorError, RestoreFailed
+from evictor.model import ContainerState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LXC_PATH = Path("/var/lib/lxc")
+
+
+class LxcRuntime:
+    """Containers of one LXC path (``lxc-* -P``)."""
+
+    def __init__(
+        self,
+        lxc_path: Path = DEFAULT_LXC_PATH,
+        *,
+        proc_root: Path = Path("/proc"),
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        command_timeout_seconds: float = 900.0,
+    ) -> None:
+        self.lxc_path = lxc_path
+        self.proc_root = proc_root
+        self.cgroup_root = cgroup_root
+        self.command_timeout_seconds = command_timeout_seconds
+
+    def _container(self, name: str) -> lxc.Container:
+        container = lxc.Container(name, str(self.lxc_path))
+        if not container.defined:
+            raise ContainerNotFound(f"{name}: no such container in {self.lxc_path}", container=name)
+        return container
+
+    def names(self) -> list[str]:
+        """Every container defined in the LXC path, sorted."""
+        if not self.lxc_path.is_dir():
+            return []
+        return sorted(lxc.list_containers(config_path=str(self.lxc_path)))
+
+    def exists(self, name: str) -> bool:
+        return bool(lxc.Container(name, str(self.lxc_path)).defined)
+
+    def state(self, name: str) -> ContainerState:
+        return ContainerState(self._container(name).state)
+
+    def init_pid(self, name: str) -> int | None:
+        pid = int(self._container(name).init_pid)
+        return pid if pid > 0 else None
+
+    def memory_cgroup(self, name: str) -> cgroups.MemoryCgroup | None:
+        pid = self.init_pid(name)
+        if pid is None:
+            return None
+        return cgroups.memory_cgroup_of(pid, proc_root=self.proc_root, cgroup_root=self.cgroup_root)
+
+    def memory_usage_bytes(self, name: str) -> int | None:
+        """Bytes charged to the running container's memory cgroup, None if stopped."""
+        cgroup = self.memory_cgroup(name)
+        if cgroup is None:
+            return None
+        try:
+            return cgroups.read_usage_bytes(cgroup)
+        except FileNotFoundError:
+            return None
+
+    def thaw(self, name: str) -> None:
+        if not self._container(name).unfreeze():
+            raise EvictorError(f"{name}: could not thaw the frozen container", container=name)
+
+    def wait_for_state(self, name: str, state: ContainerState, timeout_seconds: float) -> bool:
+        return bool(self._container(name).wait(state.value, math.ceil(timeout_seconds)))
+
+    def checkpoint(self, name: str, image_dir: Path) -> None:
+        """Dump the container into ``image_dir`` and stop it (``lxc-checkpoint -s``)."""
+        self._container(name)
+        result = self._run(
+            ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-s", "-D", str(image_dir)]
+        )
+        if result.returncode != 0:
+            lines = _failure_lines(image_dir / "dump.log", result)
+            raise CheckpointFailed(
+                f"{name}: CRIU dump failed: {lines[-1] if lines else 'no reason logged'}",
+                container=name,
+                phase="dump",
+                log_lines=lines,
+            )
+
+    def restore(self, name: str, image_dir: Path) -> None:
+        """Restore the container from ``image_dir``, daemonized (``lxc-checkpoint -r -d``)."""
+        self._container(name)
+        result = self._run(
+            [
+                "lxc-checkpoint",
+                "-P",
+                str(self.lxc_path),
+                "-n",
+                name,
+                "-r",
+                "-d",
+                "-D",
+                str(image_dir),
+            ]
+        )
+        if result.returncode != 0:
+            lines = _failure_lines(image_dir / "restore.log", result)
+            raise RestoreFailed(
+                f"{name}: CRIU restore failed: {lines[-1] if lines else 'no reason logged'}",
+                container=name,
+                phase="restore",
+                log_lines=lines,
+            )
+
+    def start(self, name: str) -> None:
+        self._checked(["lxc-start", "-P", str(self.lxc_path), "-n", name], name)
+
+    def stop(self, name: str) -> None:
+        """Stop the container at once (SIGKILL to its init): for tests and demos."""
+        if self.state(name) is ContainerState.FROZEN:
+            self.thaw(name)
+        if self.state(name) is not ContainerState.STOPPED:
+            self._checked(["lxc-stop", "-P", str(self.lxc_path), "-n", name, "-k"], name)
+
+    def destroy(self, name: str) -> None:
+        """Stop and delete the container with its rootfs: for tests and demos."""
+        self.stop(name)
+        self._checked(["lxc-destroy", "-P", str(self.lxc_path), "-n", name], name)
+
+    def _checked(self, argv: list[str], name: str) -> None:
+        result = self._run(argv)
+        if result.returncode != 0:
+            reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise EvictorError(f"{name}: {argv[0]} failed: {reason}", container=name)
+
+    def _run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        """Run a command in its own process group, killing the group on timeout.
+
+        Output goes to a file, not a pipe: a restored container's monitor
+        inherits the tool's descriptors and would hold a pipe open for its life.
+        lxc-checkpoint forks criu: killing only the parent would leave criu running.
+        """
+        log.debug("running %s", argv)
+        with tempfile.TemporaryFile(mode="w+") as output:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True
+            )
+            timed_out = False
+            try:
+                process.wait(timeout=self.command_timeout_seconds)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            except BaseException:
+                # Interrupted (Ctrl-C): never leave criu running behind us.
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise
+            if timed_out:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            output.seek(0)
+            text = output.read()
+        if timed_out:
+            text += f"\n{argv[0]} timed out after {self.command_timeout_seconds:g} s\n"
+        return subprocess.CompletedProcess(argv, process.returncode, "", text)
+
+
+def _failure_lines(log_path: Path, result: subprocess.CompletedProcess[str]) -> tuple[str, ...]:
+    """CRIU's reasons from its log, or the tool's own last stderr line if there is no log."""
+    try:
+        lines = criu.log_errors(log_path.read_text(errors="replace"))
+    except FileNotFoundError:
+        lines = ()
+    if lines:
+        return lines
+    stderr = [line for line in result.stderr.splitlines() if line.strip()]
+    return tuple(stderr[-1:])
