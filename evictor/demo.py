@@ -11,29 +11,12 @@ import time
 from pathlib import Path
 
 from evictor import checkpoint, restore, testbed
-from evictor.errors import EvictorError
 from evictor.images import ImageStore
 from evictor.lxc_runtime import LxcRuntime
 from evictor.monitor import read_meminfo
 from evictor.units import format_bytes
 
 DEMO_CONTAINER = "evictor-demo"
-STATUS_TIMEOUT_SECONDS = 60.0
-
-
-def _wait_for_status(
-    runtime: LxcRuntime, name: str, *, counter_above: int = 0
-) -> testbed.WorkloadStatus:
-    deadline = time.monotonic() + STATUS_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        status = testbed.read_status(runtime, name)
-        if status is not None and status.counter > counter_above:
-            return status
-        time.sleep(0.2)
-    raise EvictorError(
-        f"{name}: the demo workload did not report within {STATUS_TIMEOUT_SECONDS:g} s",
-        container=name,
-    )
 
 
 def _say(message: str) -> None:
@@ -55,7 +38,7 @@ def run(*, state_dir: Path, memory_mib: int) -> int:
         )
         testbed.create_workload_container(runtime, DEMO_CONTAINER, memory_mib=memory_mib)
         runtime.start(DEMO_CONTAINER)
-        before = _wait_for_status(runtime, DEMO_CONTAINER, counter_above=2)
+        before = testbed.wait_for_counter(runtime, DEMO_CONTAINER, above=2)
         usage = runtime.memory_usage_bytes(DEMO_CONTAINER) or 0
         _say(
             f"running: cgroup memory {format_bytes(usage)}, counter {before.counter},"
@@ -83,7 +66,7 @@ def run(*, state_dir: Path, memory_mib: int) -> int:
         _say(f"3 s later its counter is still {frozen_at.counter}: nothing runs")
 
         restoration = restore.restore(runtime, store, DEMO_CONTAINER)
-        after = _wait_for_status(runtime, DEMO_CONTAINER, counter_above=frozen_at.counter)
+        after = testbed.wait_for_counter(runtime, DEMO_CONTAINER, above=frozen_at.counter)
         continued = after.incarnation == before.incarnation
         _say(
             f"restored in {restoration.duration_seconds:.2f} s: state"

@@ -163,12 +163,16 @@ class ImageStore:
         """The committed manifest, unverified against the files."""
         directory = self.path(container)
         try:
-            text = (directory / MANIFEST_NAME).read_text()
+            raw = (directory / MANIFEST_NAME).read_bytes()
         except FileNotFoundError as error:
             what = "an incomplete image (no manifest)" if directory.is_dir() else "no image"
             raise NoImage(f"{container}: has {what} in {self.root}", container=container) from error
         try:
-            manifest = Manifest.from_json(text)
+            manifest = Manifest.from_json(raw.decode())
+        except UnicodeDecodeError as error:
+            raise CorruptImage(
+                f"{container}: manifest is not UTF-8 text", container=container
+            ) from error
         except ManifestError as error:
             raise CorruptImage(f"{container}: {error}", container=container) from error
         if manifest.container != container:

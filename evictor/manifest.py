@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from evictor.criu import DumpStats
+from evictor.errors import UsageError
 from evictor.model import validate_container_name
 
 MANIFEST_NAME = "manifest.json"
@@ -68,7 +69,10 @@ class Manifest:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise ManifestError(f"malformed manifest: {error}") from error
-        validate_container_name(manifest.container)
+        try:
+            validate_container_name(manifest.container)
+        except UsageError as error:
+            raise ManifestError(str(error)) from error
         for image_file in manifest.files:
             if "/" in image_file.name or image_file.name in ("", ".", "..", MANIFEST_NAME):
                 raise ManifestError(f"manifest names an invalid file {image_file.name!r}")

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -125,3 +126,19 @@ def read_status(runtime: LxcRuntime, name: str) -> WorkloadStatus | None:
     except FileNotFoundError:
         return None
     return parse_status(line) if line.strip() else None
+
+
+def wait_for_counter(
+    runtime: LxcRuntime, name: str, *, above: int, timeout_seconds: float = 60.0
+) -> WorkloadStatus:
+    """Wait until the workload's counter passes ``above`` and return that status."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        status = read_status(runtime, name)
+        if status is not None and status.counter > above:
+            return status
+        time.sleep(0.1)
+    raise EvictorError(
+        f"{name}: workload counter did not pass {above} within {timeout_seconds:g} s",
+        container=name,
+    )

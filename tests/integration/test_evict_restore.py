@@ -1,0 +1,191 @@
+"""Evict and restore real containers with real CRIU checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evictor import checkpoint, restore, testbed
+from evictor.errors import (
+    CheckpointFailed,
+    ContainerNotFound,
+    CorruptImage,
+    InvalidState,
+    NoImage,
+)
+from evictor.images import ImageStore
+from evictor.lxc_runtime import LxcRuntime
+from evictor.manifest import MANIFEST_NAME
+from evictor.model import ContainerState
+from evictor.monitor import read_meminfo
+
+from .conftest import WorkloadFactory
+
+MIB = 1 << 20
+
+
+def resident_bytes(directory: Path) -> int:
+    """Bytes of the directory's files in the page cache, as the kernel reports (fincore)."""
+    files = [str(p) for p in directory.iterdir() if p.is_file()]
+    out = subprocess.run(
+        ["fincore", "-b", "-n", "-o", "RES", *files], capture_output=True, text=True, check=True
+    ).stdout
+    return sum(int(line) for line in out.split())
+
+
+def image_snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_evicted_memory_is_freed_and_restored_bit_exact(
+    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+) -> None:
+    name = workload(memory_mib=256)
+    before = testbed.wait_for_counter(runtime, name, above=2)
+    usage_bytes = runtime.memory_usage_bytes(name)
+    assert usage_bytes is not None and usage_bytes >= 256 * MIB
+
+    meminfo_before = read_meminfo()
+    eviction = checkpoint.evict(runtime, store, name)
+    meminfo_after = read_meminfo()
+
+    assert runtime.state(name) is ContainerState.STOPPED
+    image_dir = store.path(name)
+    manifest = json.loads((image_dir / MANIFEST_NAME).read_text())
+    assert manifest["container"] == name
+    assert eviction.manifest.image_bytes >= 256 * MIB
+    assert eviction.manifest.dump_stats.pages_written >= 256 * MIB // 4096
+    # Freed, not parked in the page cache: the kernel holds none of the image...
+    assert resident_bytes(image_dir) < 4 * MIB
+    # ...and the host gained the container's memory as free memory.
+    assert meminfo_after["MemFree"] - meminfo_before["MemFree"] >= 0.8 * usage_bytes
+    assert meminfo_after["Cached"] - meminfo_before["Cached"] < 0.1 * usage_bytes
+    # Root-only, since the image is the container's memory.
+    assert stat.S_IMODE(image_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in image_dir.iterdir()} == {0o600}
+    stopped = testbed.read_status(runtime, name)
+    assert stopped is not None
+
+    restore.restore(runtime, store, name)
+
+    assert runtime.state(name) is ContainerState.RUNNING
+    assert not image_dir.exists()
+    # Same process (incarnation and pid), counting on from where it stopped...
+    after = testbed.wait_for_counter(runtime, name, above=stopped.counter)
+    assert after.incarnation == before.incarnation
+    assert after.pid == before.pid
+    assert after.counter == stopped.counter + 1
+    # ...with every byte of its memory as it was: a full pass after the restore.
+    verified = testbed.wait_for_counter(runtime, name, above=after.counter + 1)
+    assert verified.passes > stopped.passes + 1
+    assert verified.errors == 0
+
+
+def test_evicting_a_stopped_container_fails_and_changes_nothing(
+    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+) -> None:
+    name = workload(start=False)
+    with pytest.raises(InvalidState, match="is STOPPED, only a RUNNING container"):
+        checkpoint.evict(runtime, store, name)
+    assert runtime.state(name) is ContainerState.STOPPED
+    assert not store.path(name).exists()
+
+
+def test_evicting_an_unknown_container_fails(runtime: LxcRuntime, store: ImageStore) -> None:
+    with pytest.raises(ContainerNotFound, match="no such container"):
+        checkpoint.evict(runtime, store, "evt-does-not-exist")
+    assert not store.path("evt-does-not-exist").exists()
+
+
+def test_restoring_without_an_image_fails_and_changes_nothing(
+    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+) -> None:
+    name = workload()
+    with pytest.raises(NoImage, match="has no image"):
+        restore.restore(runtime, store, name)
+    assert runtime.state(name) is ContainerState.RUNNING
+
+
+def test_a_corrupted_image_is_refused_kept_and_still_restores_once_repaired(
+    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+) -> None:
+    name = workload(memory_mib=32)
+    before = testbed.wait_for_counter(runtime, name, above=1)
+    checkpoint.evict(runtime, store, name)
+    image_dir = store.path(name)
+    pages = max(image_dir.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    offset = pages.stat().st_size // 2
+    with open(pages, "r+b") as image_file:
+        image_file.seek(offset)
+        original = image_file.read(1)
+        image_file.seek(offset)
+        image_file.write(bytes([original[0] ^ 0x01]))
+    snapshot = image_snapshot(image_dir)
+
+    with pytest.raises(CorruptImage, match=f"{pages.name} does not match its checksum"):
+        restore.restore(runtime, store, name)
+
+    assert runtime.state(name) is ContainerState.STOPPED
+    assert image_snapshot(image_dir) == snapshot  # kept untouched for inspection
+    with open(pages, "r+b") as image_file:
+        image_file.seek(offset)
+        image_file.write(original)
+    restore.restore(runtime, store, name)
+    assert testbed.wait_for_counter(runtime, name, above=1).incarnation == before.incarnation
+
+
+def test_a_container_criu_cannot_dump_stays_running(
+    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+) -> None:
+    name = workload(with_tty=True)
+    with pytest.raises(CheckpointFailed, match="CRIU dump failed: .*tty") as failure:
+        checkpoint.evict(runtime, store, name)
+    assert failure.value.phase == "dump"
+    assert failure.value.container == name
+    assert runtime.state(name) is ContainerState.RUNNING
+    assert not store.path(name).exists()  # the partial image is gone
+    status = testbed.read_status(runtime, name)
+    assert status is not None
+    testbed.wait_for_counter(runtime, name, above=status.counter)  # still working
+
+
+def test_cli_evicts_lists_and_restores(
+    runtime: LxcRuntime, workload: WorkloadFactory, tmp_path: Path
+) -> None:
+    name = workload()
+    base = ["evictor", "-P", str(runtime.lxc_path), "--state-dir", str(tmp_path)]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*base, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "PATH": _venv_path()},
+        )
+
+    evicted = cli("evict", name)
+    assert evicted.returncode == 0, evicted.stderr
+    assert evicted.stdout.startswith(f"evicted {name}:")
+    listed = cli("list")
+    assert listed.returncode == 0
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(name))
+    assert row.split()[1] == "EVICTED"
+    again = cli("evict", name)
+    assert again.returncode == 1
+    assert again.stderr.count("\n") == 1 and "is STOPPED" in again.stderr
+    restored = cli("restore", name)
+    assert restored.returncode == 0, restored.stderr
+    assert runtime.state(name) is ContainerState.RUNNING
+
+
+def _venv_path() -> str:
+    """PATH with this interpreter's bin first, so ``evictor`` is the one under test."""
+    return f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"

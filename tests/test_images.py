@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evictor.criu import DumpStats
+from evictor.errors import CorruptImage, ImageError, LockBusy, NoImage, UsageError
+from evictor.images import ImageState, ImageStore
+from evictor.manifest import MANIFEST_NAME, Manifest
+
+NAME = "c1"
+
+
+def dump(store: ImageStore, files: dict[str, bytes]) -> Path:
+    """Stand in for CRIU: write image files into a fresh image directory."""
+    directory = store.begin(NAME)
+    for file_name, content in files.items():
+        (directory / file_name).write_bytes(content)
+    return directory
+
+
+def commit(store: ImageStore) -> Manifest:
+    manifest = Manifest(
+        container=NAME,
+        lxc_path="/lxc",
+        reason="test",
+        evicted_at=1.0,
+        memory_usage_bytes=100,
+        dump_duration_seconds=0.1,
+        files=store.seal(NAME),
+        dump_stats=DumpStats(),
+    )
+    store.commit(manifest)
+    return manifest
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    return ImageStore(tmp_path / "images")
+
+
+@pytest.fixture
+def committed(store: ImageStore) -> Manifest:
+    dump(store, {"pages-1.img": os.urandom(70000), "inventory.img": b"inv", "dump.log": b"log"})
+    return commit(store)
+
+
+def test_a_committed_image_verifies(store: ImageStore, committed: Manifest) -> None:
+    assert store.image_state(NAME) is ImageState.COMMITTED
+    assert store.verify(NAME) == committed
+    assert {f.name for f in committed.files} == {"pages-1.img", "inventory.img", "dump.log"}
+    assert committed.image_bytes == 70000 + 3 + 3
+
+
+def test_everything_is_root_only(store: ImageStore, committed: Manifest) -> None:
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.path(NAME).stat().st_mode) == 0o700
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in store.path(NAME).iterdir()}
+    assert modes == {0o600}
+
+
+def test_a_loose_store_root_is_tightened(store: ImageStore) -> None:
+    store.root.mkdir(mode=0o755)
+    os.chmod(store.root, 0o777)
+    store.ensure()
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: flip_byte(d / "pages-1.img"), "pages-1.img does not match its checksum"),
+        (lambda d: os.truncate(d / "pages-1.img", 100), "pages-1.img is 100 bytes"),
+        (lambda d: (d / "inventory.img").unlink(), "inventory.img is missing"),
+        (lambda d: (d / "extra.img").write_bytes(b"x"), "unexpected file extra.img"),
+        (lambda d: flip_byte(d / MANIFEST_NAME), "manifest"),
+    ],
+    ids=["flipped-byte", "truncated", "missing-file", "extra-file", "damaged-manifest"],
+)
+def test_damage_is_refused_and_left_as_it_is(
+    store: ImageStore, committed: Manifest, damage: object, message: str
+) -> None:
+    directory = store.path(NAME)
+    damage(directory)  # type: ignore[operator]
+    snapshot = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with pytest.raises(CorruptImage, match=message):
+        store.verify(NAME)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == snapshot
+
+
+def test_a_failed_restore_leaves_logs_that_do_not_spoil_the_image(
+    store: ImageStore, committed: Manifest
+) -> None:
+    (store.path(NAME) / "restore.log").write_text("Error (x): failed\n")
+    assert store.verify(NAME) == committed
+
+
+def test_a_missing_image_and_a_partial_one_are_not_restorable(store: ImageStore) -> None:
+    with pytest.raises(NoImage, match="has no image"):
+        store.verify(NAME)
+    dump(store, {"pages-1.img": b"x"})
+    assert store.image_state(NAME) is ImageState.PARTIAL
+    with pytest.raises(NoImage, match="incomplete image"):
+        store.verify(NAME)
+
+
+def test_begin_replaces_a_partial_image_but_never_a_committed_one(
+    store: ImageStore, committed: Manifest
+) -> None:
+    with pytest.raises(ImageError, match="committed image already exists"):
+        store.begin(NAME)
+    assert store.verify(NAME) == committed
+    store.discard(NAME)
+    dump(store, {"pages-1.img": b"old"})
+    directory = store.begin(NAME)
+    assert list(directory.iterdir()) == []
+
+
+def test_discard_partial_spares_a_committed_image(store: ImageStore, committed: Manifest) -> None:
+    store.discard_partial(NAME)
+    assert store.image_state(NAME) is ImageState.COMMITTED
+
+
+def test_quarantine_sets_an_image_aside(store: ImageStore) -> None:
+    dump(store, {"pages-1.img": b"state"})
+    kept = store.quarantine(NAME)
+    assert store.image_state(NAME) is ImageState.NONE
+    assert (kept / "pages-1.img").read_bytes() == b"state"
+    assert [image.container for image in store.images()] == []
+
+
+def test_images_lists_committed_and_partial(store: ImageStore, committed: Manifest) -> None:
+    other = ImageStore(store.root)
+    (other.root / "c2").mkdir()
+    images = {image.container: image for image in store.images()}
+    assert images[NAME].state is ImageState.COMMITTED and images[NAME].manifest == committed
+    assert images["c2"].state is ImageState.PARTIAL and images["c2"].manifest is None
+
+
+def test_a_second_process_cannot_take_the_lock(store: ImageStore) -> None:
+    holder = (
+        "import sys, time; from pathlib import Path; from evictor.images import ImageStore\n"
+        "with ImageStore(Path(sys.argv[1])).lock('c1'):\n"
+        "    print('held', flush=True); time.sleep(30)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", holder, str(store.root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "held\n"
+        with pytest.raises(LockBusy, match="another evictor process"), store.lock(NAME):
+            pass
+    finally:
+        process.kill()
+        process.wait()
+    with store.lock(NAME):
+        pass
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden", "x" * 65, "a b", "a;rm -rf /"])
+def test_names_that_could_escape_the_store_are_refused(store: ImageStore, bad: str) -> None:
+    with pytest.raises(UsageError, match="invalid container name"):
+        store.path(bad)
