@@ -26,7 +26,7 @@ def run(capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str) -> tuple
 def test_bad_usage_is_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str]
 ) -> None:
-    code, out, err = run(capsys, tmp_path, *args)
+    code, _out, err = run(capsys, tmp_path, *args)
     assert code == EXIT_USAGE
     assert err.startswith("evictor: error: ") and err.count("\n") == 1
     assert not (tmp_path / "state").exists()
@@ -37,7 +37,7 @@ def test_unsafe_names_are_refused_before_anything_happens(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str
 ) -> None:
     for command in ("evict", "restore"):
-        code, out, err = run(capsys, tmp_path, command, "--", name)
+        code, _out, err = run(capsys, tmp_path, command, "--", name)
         assert code == EXIT_USAGE, err
         assert "invalid container name" in err and err.count("\n") == 1
     assert not (tmp_path / "state").exists()
@@ -46,7 +46,7 @@ def test_unsafe_names_are_refused_before_anything_happens(
 def test_an_unknown_container_is_an_operation_failure(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, out, err = run(capsys, tmp_path, "evict", "ghost")
+    code, _out, err = run(capsys, tmp_path, "evict", "ghost")
     assert code == EXIT_FAILED
     assert err == f"evictor: error: ghost: no such container in {tmp_path / 'lxc'}\n"
 

@@ -145,7 +145,7 @@ def test_a_container_criu_cannot_dump_stays_running(
     runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
 ) -> None:
     name = workload(with_tty=True)
-    with pytest.raises(CheckpointFailed, match="CRIU dump failed: .*tty") as failure:
+    with pytest.raises(CheckpointFailed, match=r"CRIU dump failed: .*tty") as failure:
         checkpoint.evict(runtime, store, name)
     assert failure.value.phase == "dump"
     assert failure.value.container == name
