@@ -2,7 +2,7 @@
 # Take a fresh Debian 12 (bookworm) machine, as root, to a state where evictor
 # runs and its tests pass: LXC, CRIU >= 4.2, iptables, a static busybox and a C
 # compiler for the test workload, and a virtualenv (.venv) with evictor in it.
-# Idempotent: a second run only checks. See docs/platform.md for why each step.
+# Idempotent: a second run only checks. docs/design.md says why each piece is needed.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,7 +17,7 @@ command -v apt-get >/dev/null || die "apt-get not found: a Debian 12 machine is 
 
 export DEBIAN_FRONTEND=noninteractive
 bookworm_packages=(lxc lxc-dev lxc-templates busybox-static iptables gcc libc6-dev
-                   pkg-config python3-venv python3-dev e2fsprogs)
+                   pkg-config python3-venv python3-dev procps util-linux)
 missing=()
 for p in "${bookworm_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
