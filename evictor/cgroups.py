@@ -2,7 +2,8 @@
 
 Roots are arguments so that the parsers run against fixture trees. Hosts come in
 three layouts: pure v2 (cgroup2 mounted at the root), pure v1, and the hybrid
-of our machines (v1 controllers plus a cgroup2 tree at ``unified/``).
+of our machines (v1 controllers plus a cgroup2 tree at ``unified/``, which has
+no memory controller but does have each cgroup's ``memory.pressure``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 from pathlib import Path
+
+from evictor.model import Pressure
+
+# cgroup v1 reports "no limit" as the largest page-aligned signed 64-bit value.
+_V1_UNLIMITED = 0x7FFFFFFFFFFFF000
 
 
 class CgroupVersion(enum.Enum):
@@ -19,10 +25,21 @@ class CgroupVersion(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryCgroup:
-    """Where a process's memory is accounted."""
+    """Where a process's memory is accounted, and where its PSI is (if anywhere)."""
 
     version: CgroupVersion
     path: Path
+    unified_path: Path | None = None  # the cgroup2 directory, for memory.pressure
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryStats:
+    usage_bytes: int
+    working_set_bytes: int
+    anon_bytes: int
+    file_bytes: int
+    limit_bytes: int | None
+    pressure: Pressure | None
 
 
 def parse_proc_cgroup(text: str) -> dict[str, str]:
@@ -50,18 +67,20 @@ def locate_memory_cgroup(proc_cgroup: dict[str, str], cgroup_root: Path) -> Memo
     A v1 memory controller wins when it is mounted; otherwise the v2 tree is used,
     either at the root (pure v2) or at ``unified/`` (hybrid).
     """
+    unified = None
+    if "" in proc_cgroup:
+        tree = cgroup_root if (cgroup_root / "cgroup.controllers").exists() else (
+            cgroup_root / "unified"
+        )
+        unified = tree / proc_cgroup[""].lstrip("/")
     if "memory" in proc_cgroup and (cgroup_root / "memory").is_dir():
         return MemoryCgroup(
             version=CgroupVersion.V1,
             path=cgroup_root / "memory" / proc_cgroup["memory"].lstrip("/"),
+            unified_path=unified,
         )
-    if "" in proc_cgroup:
-        unified = (
-            cgroup_root
-            if (cgroup_root / "cgroup.controllers").exists()
-            else (cgroup_root / "unified")
-        )
-        return MemoryCgroup(version=CgroupVersion.V2, path=unified / proc_cgroup[""].lstrip("/"))
+    if unified is not None:
+        return MemoryCgroup(version=CgroupVersion.V2, path=unified, unified_path=unified)
     return None
 
 
@@ -74,7 +93,67 @@ def memory_cgroup_of(pid: int, *, proc_root: Path, cgroup_root: Path) -> MemoryC
     return locate_memory_cgroup(parse_proc_cgroup(text), cgroup_root)
 
 
+def parse_flat_keyed(text: str) -> dict[str, int]:
+    """Parse a ``key value`` per line file such as memory.stat."""
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            fields[key] = int(value)
+    return fields
+
+
+def parse_pressure(text: str) -> Pressure:
+    """Parse a PSI file (/proc/pressure/memory or a cgroup's memory.pressure)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            if key in ("avg10", "avg60"):
+                values[f"{kind}_{key}"] = float(value)
+    return Pressure(**values)
+
+
+def read_pressure(path: Path) -> Pressure | None:
+    try:
+        return parse_pressure(path.read_text())
+    except (FileNotFoundError, OSError):
+        # No PSI: kernel without CONFIG_PSI, psi=0, or a cgroup that has gone.
+        return None
+
+
 def read_usage_bytes(cgroup: MemoryCgroup) -> int:
     """Bytes charged to the cgroup now (``memory.usage_in_bytes`` or ``memory.current``)."""
     name = "memory.usage_in_bytes" if cgroup.version is CgroupVersion.V1 else "memory.current"
     return int((cgroup.path / name).read_text())
+
+
+def read_memory_stats(cgroup: MemoryCgroup) -> MemoryStats:
+    """Usage, working set, anon/file split, limit and PSI of one cgroup."""
+    usage_bytes = read_usage_bytes(cgroup)
+    stat = parse_flat_keyed((cgroup.path / "memory.stat").read_text())
+    if cgroup.version is CgroupVersion.V1:
+        # The total_ figures include descendant cgroups, as usage_in_bytes does.
+        inactive_file = stat.get("total_inactive_file", 0)
+        anon = stat.get("total_rss", 0)
+        file = stat.get("total_cache", 0)
+        raw_limit = int((cgroup.path / "memory.limit_in_bytes").read_text())
+        limit = None if raw_limit >= _V1_UNLIMITED else raw_limit
+    else:
+        inactive_file = stat.get("inactive_file", 0)
+        anon = stat.get("anon", 0)
+        file = stat.get("file", 0)
+        raw = (cgroup.path / "memory.max").read_text().strip()
+        limit = None if raw == "max" else int(raw)
+    pressure = None
+    if cgroup.unified_path is not None:
+        pressure = read_pressure(cgroup.unified_path / "memory.pressure")
+    return MemoryStats(
+        usage_bytes=usage_bytes,
+        working_set_bytes=max(0, usage_bytes - inactive_file),
+        anon_bytes=anon,
+        file_bytes=file,
+        limit_bytes=limit,
+        pressure=pressure,
+    )

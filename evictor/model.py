@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 
@@ -34,3 +35,42 @@ def validate_container_name(name: str) -> str:
             container=None,
         )
     return name
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Pressure:
+    """One PSI line pair (``some`` and ``full``), as percentages of wall time."""
+
+    some_avg10: float = 0.0
+    some_avg60: float = 0.0
+    full_avg10: float = 0.0
+    full_avg60: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HostSample:
+    total_bytes: int
+    available_bytes: int  # MemAvailable: what can be allocated without swapping
+    free_bytes: int
+    cached_bytes: int  # the page cache
+    swap_total_bytes: int
+    swap_free_bytes: int
+    pressure: Pressure | None  # None where the kernel has no PSI
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ContainerSample:
+    """One container as the monitor saw it; evicted ones carry their recorded footprint."""
+
+    name: str
+    state: ContainerState
+    evicted: bool = False  # STOPPED with a committed image
+    usage_bytes: int = 0  # cgroup usage: anonymous memory, page cache, kernel memory
+    working_set_bytes: int = 0  # usage minus inactive file cache, as the kubelet counts it
+    anon_bytes: int = 0
+    file_bytes: int = 0
+    limit_bytes: int | None = None  # None: unlimited
+    pressure: Pressure | None = None  # the cgroup's own PSI, where exposed
+    evicted_usage_bytes: int | None = None  # usage recorded at eviction
+    image_bytes: int | None = None
+    evicted_at: float | None = None  # Unix time

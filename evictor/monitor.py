@@ -1,10 +1,30 @@
-"""Read host memory figures from procfs (the root is an argument, for fixtures)."""
+"""Sample host and container memory: one sample per tick.
+
+Host figures come from psutil, PSI from /proc/pressure/memory; container
+figures from each container's memory cgroup (v1 or v2, found from its init's
+/proc/PID/cgroup) and, for evicted containers, from their image's manifest.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import psutil
+
+from evictor import cgroups
+from evictor.errors import ContainerNotFound
+from evictor.images import ImageStore, StoredImage
+from evictor.lxc_runtime import LxcRuntime
+from evictor.model import ContainerSample, ContainerState, HostSample
+
 DEFAULT_PROC_ROOT = Path("/proc")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sample:
+    host: HostSample
+    containers: tuple[ContainerSample, ...]
 
 
 def parse_meminfo(text: str) -> dict[str, int]:
@@ -21,4 +41,61 @@ def parse_meminfo(text: str) -> dict[str, int]:
 
 
 def read_meminfo(proc_root: Path = DEFAULT_PROC_ROOT) -> dict[str, int]:
+    """The kernel's own figures, for checks that must not trust psutil's arithmetic."""
     return parse_meminfo((proc_root / "meminfo").read_text())
+
+
+def sample_host(proc_root: Path = DEFAULT_PROC_ROOT) -> HostSample:
+    memory = psutil.virtual_memory()
+    swap = psutil.swap_memory()
+    return HostSample(
+        total_bytes=memory.total,
+        available_bytes=memory.available,
+        free_bytes=memory.free,
+        cached_bytes=memory.cached,
+        swap_total_bytes=swap.total,
+        swap_free_bytes=swap.free,
+        pressure=cgroups.read_pressure(proc_root / "pressure" / "memory"),
+    )
+
+
+class Monitor:
+    def __init__(self, runtime: LxcRuntime, store: ImageStore,
+                 proc_root: Path = DEFAULT_PROC_ROOT) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.proc_root = proc_root
+
+    def sample(self) -> Sample:
+        images = {image.container: image for image in self.store.images()}
+        containers = []
+        for name in self.runtime.names():
+            try:
+                containers.append(self.sample_container(name, images.get(name)))
+            except ContainerNotFound:
+                continue  # deleted between the listing and the sample
+        return Sample(host=sample_host(self.proc_root), containers=tuple(containers))
+
+    def sample_container(self, name: str, image: StoredImage | None) -> ContainerSample:
+        state = self.runtime.state(name)
+        if state in (ContainerState.RUNNING, ContainerState.FROZEN):
+            cgroup = self.runtime.memory_cgroup(name)
+            if cgroup is not None:
+                try:
+                    stats = cgroups.read_memory_stats(cgroup)
+                except FileNotFoundError:
+                    pass  # stopped while we read it: sampled as it is next tick
+                else:
+                    return ContainerSample(
+                        name=name, state=state, usage_bytes=stats.usage_bytes,
+                        working_set_bytes=stats.working_set_bytes, anon_bytes=stats.anon_bytes,
+                        file_bytes=stats.file_bytes, limit_bytes=stats.limit_bytes,
+                        pressure=stats.pressure,
+                    )
+        if state is ContainerState.STOPPED and image is not None and image.manifest is not None:
+            return ContainerSample(
+                name=name, state=state, evicted=True,
+                evicted_usage_bytes=image.manifest.memory_usage_bytes,
+                image_bytes=image.manifest.image_bytes, evicted_at=image.manifest.evicted_at,
+            )
+        return ContainerSample(name=name, state=state)

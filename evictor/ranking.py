@@ -1,0 +1,315 @@
+"""The decision core: who to evict, who to restore, and why.
+
+Pure: data in, a plan out. No I/O, no clock (``now`` is an argument), no
+logging. Every decision carries a reason an operator can read.
+
+Eviction: when any trigger fires, reclaim ``max(high watermark - MemAvailable,
+min_reclaim)`` (and, for the budget, enough to get ``min_reclaim`` under it),
+evicting candidates lowest priority first; within one priority those whose last
+checkpoint did not fail first, then the largest; ties by name. Protected
+containers are never candidates; neither is a container restored less than its
+cooldown ago, unless memory is critically low.
+
+Restore: only when no trigger fires and none has for ``stable_seconds``; the
+evicted container of highest priority, and only when its recorded footprint
+fits under the high watermark (and the budget) with a margin. One at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Mapping
+
+from evictor.config import AntiThrash, Config, Priorities, RestorePolicy
+from evictor.model import ContainerSample, ContainerState, HostSample
+
+_MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Label:
+    """What an operator set on one container with ``evictor label``; beats any rule."""
+
+    priority: int | None = None
+    protected: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Priority:
+    value: int
+    protected: bool
+    source: str  # where the value came from: "label", "rule 'db-*'" or "default"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class History:
+    """What evictor did to one container lately (times are Unix seconds)."""
+
+    eviction_times: tuple[float, ...] = ()
+    last_restored_at: float | None = None
+    checkpoint_failure: str | None = None  # set when the last eviction attempt failed
+    restore_failures: int = 0  # consecutive failed restores
+    last_restore_failure_at: float | None = None
+
+
+class Action(enum.Enum):
+    EVICT = "evict"
+    RESTORE = "restore"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Decision:
+    container: str
+    action: Action
+    priority: int
+    size_bytes: int  # expected to be freed (evict) or needed (restore)
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    triggers: tuple[str, ...]  # each firing trigger, explained; empty: no pressure
+    critical: bool  # MemAvailable below the critical watermark
+    reclaim_target_bytes: int
+    evictions: tuple[Decision, ...]
+    restores: tuple[Decision, ...]
+    notes: tuple[str, ...]  # why the plan does less than one might expect
+
+    @property
+    def pressure(self) -> bool:
+        return bool(self.triggers)
+
+    @property
+    def reclaim_planned_bytes(self) -> int:
+        return sum(d.size_bytes for d in self.evictions)
+
+
+def resolve_priority(name: str, label: Label | None, priorities: Priorities) -> Priority:
+    """A label beats the first matching rule, which beats the default (field by field)."""
+    rule = next((r for r in priorities.rules if r.matches(name)), None)
+    value, protected, source = priorities.default, False, "default"
+    if rule is not None:
+        if rule.priority is not None:
+            value, source = rule.priority, f"rule {rule.match!r}"
+        if rule.protect is not None:
+            protected = rule.protect
+    if label is not None:
+        if label.priority is not None:
+            value, source = label.priority, "label"
+        if label.protected is not None:
+            protected = label.protected
+    return Priority(value=value, protected=protected, source=source)
+
+
+def eviction_cooldown_seconds(history: History, policy: AntiThrash, now: float) -> float:
+    """How long after its last restore a container is spared: grows with recent evictions."""
+    recent = sum(1 for t in history.eviction_times if now - t <= policy.window_seconds)
+    cooldown = policy.cooldown_seconds * policy.backoff_factor ** max(recent - 1, 0)
+    return min(cooldown, policy.max_cooldown_seconds)
+
+
+def restore_backoff_seconds(history: History, policy: RestorePolicy) -> float:
+    if history.restore_failures == 0:
+        return 0.0
+    backoff = policy.failure_backoff_seconds * 2.0 ** min(history.restore_failures - 1, 30)
+    return min(backoff, policy.max_failure_backoff_seconds)
+
+
+def _cooling_down(history: History, policy: AntiThrash, now: float) -> float | None:
+    """Seconds left in the container's post-restore cooldown, or None if there is none."""
+    if history.last_restored_at is None:
+        return None
+    left = history.last_restored_at + eviction_cooldown_seconds(history, policy, now) - now
+    return left if left > 0 else None
+
+
+def eligibility(
+    sample: ContainerSample, priority: Priority, history: History, config: Config, now: float
+) -> str:
+    """One phrase for ``evictor status``: may evictor evict this container now?"""
+    if sample.evicted:
+        return "evicted"
+    if priority.protected:
+        return "protected"
+    if sample.state is not ContainerState.RUNNING:
+        return "not running"
+    left = _cooling_down(history, config.antithrash, now)
+    if left is not None:
+        return f"cooling down ({left:.0f} s left)"
+    if history.checkpoint_failure is not None:
+        return f"last checkpoint failed: {history.checkpoint_failure}"
+    return "evictable"
+
+
+def _triggers(
+    host: HostSample,
+    running: Iterable[ContainerSample],
+    priorities: Mapping[str, Priority],
+    config: Config,
+) -> tuple[list[str], int, set[str]]:
+    """The firing triggers, the bytes to reclaim, and the important containers in need."""
+    t = config.triggers
+    total = host.total_bytes
+    high = t.high_watermark.resolve(total)
+    min_reclaim = t.min_reclaim.resolve(total)
+    watermark_need = max(high - host.available_bytes, min_reclaim)
+    triggers: list[str] = []
+    need = 0
+    low = t.low_watermark.resolve(total)
+    if host.available_bytes < low:
+        triggers.append(f"MemAvailable {host.available_bytes // _MIB} MiB is below the low"
+                        f" watermark {low // _MIB} MiB")
+        need = max(need, watermark_need)
+    if (t.host_psi_some_avg10 is not None and host.pressure is not None
+            and host.pressure.some_avg10 >= t.host_psi_some_avg10):
+        triggers.append(f"host memory PSI some avg10 {host.pressure.some_avg10:.1f}% is at or"
+                        f" above {t.host_psi_some_avg10:g}%")
+        need = max(need, watermark_need)
+    in_need = set()
+    if t.important_psi_some_avg10 is not None:
+        for sample in running:
+            stall = sample.pressure.some_avg10 if sample.pressure is not None else 0.0
+            if (priorities[sample.name].value >= t.important_priority
+                    and stall >= t.important_psi_some_avg10):
+                in_need.add(sample.name)
+                triggers.append(f"important container {sample.name} (priority"
+                                f" {priorities[sample.name].value}) stalls on memory: PSI some"
+                                f" avg10 {stall:.1f}% >= {t.important_psi_some_avg10:g}%")
+                need = max(need, watermark_need)
+    if t.budget is not None:
+        budget = t.budget.resolve(total)
+        used = sum(s.usage_bytes for s in running)
+        if used > budget:
+            triggers.append(f"containers use {used // _MIB} MiB, over the budget of"
+                            f" {budget // _MIB} MiB")
+            need = max(need, used - budget + min_reclaim)
+    return triggers, need, in_need
+
+
+def plan(
+    *,
+    host: HostSample,
+    containers: Iterable[ContainerSample],
+    priorities: Mapping[str, Priority],
+    histories: Mapping[str, History],
+    config: Config,
+    now: float,
+    last_pressure_at: float | None,
+) -> Plan:
+    """Decide what to evict or restore now.
+
+    ``priorities`` must hold every container; ``histories`` may lack some (no
+    history). ``last_pressure_at`` is when a trigger last fired, None if never.
+    """
+    samples = sorted(containers, key=lambda s: s.name)
+    running = [s for s in samples if s.state is ContainerState.RUNNING]
+    triggers, need, in_need = _triggers(host, running, priorities, config)
+    critical = host.available_bytes < config.triggers.critical_watermark.resolve(host.total_bytes)
+    notes: list[str] = []
+    if triggers:
+        evictions = _choose_evictions(running, priorities, histories, config, now, need,
+                                      critical, in_need, notes)
+        return Plan(triggers=tuple(triggers), critical=critical, reclaim_target_bytes=need,
+                    evictions=evictions, restores=(), notes=tuple(notes))
+    restores = _choose_restore(host, samples, running, priorities, histories, config, now,
+                               last_pressure_at, notes)
+    return Plan(triggers=(), critical=critical, reclaim_target_bytes=0, evictions=(),
+                restores=restores, notes=tuple(notes))
+
+
+def _choose_evictions(
+    running: list[ContainerSample],
+    priorities: Mapping[str, Priority],
+    histories: Mapping[str, History],
+    config: Config,
+    now: float,
+    need: int,
+    critical: bool,
+    in_need: set[str],
+    notes: list[str],
+) -> tuple[Decision, ...]:
+    empty = History()
+    candidates = []
+    for sample in running:
+        priority = priorities[sample.name]
+        history = histories.get(sample.name, empty)
+        if priority.protected or sample.name in in_need:
+            continue
+        left = _cooling_down(history, config.antithrash, now)
+        if left is not None and not critical:
+            notes.append(f"{sample.name} spared: restored recently, cooling down for"
+                         f" {left:.0f} s more")
+            continue
+        candidates.append((priority.value, history.checkpoint_failure is not None,
+                           -sample.usage_bytes, sample.name, sample, history))
+    candidates.sort(key=lambda c: c[:4])
+    chosen: list[Decision] = []
+    reclaimed = 0
+    for value, _, _, name, sample, history in candidates:
+        if reclaimed >= need:
+            break
+        reclaimed += sample.usage_bytes
+        why = f"lowest-ranked (priority {value}, {sample.usage_bytes // _MIB} MiB)"
+        if history.checkpoint_failure is not None:
+            why += f"; its last checkpoint failed ({history.checkpoint_failure})"
+        chosen.append(Decision(container=name, action=Action.EVICT, priority=value,
+                               size_bytes=sample.usage_bytes,
+                               reason=f"{why}; reclaiming {need // _MIB} MiB"))
+    if reclaimed < need:
+        notes.append(f"target not reachable: evicting every candidate frees"
+                     f" {reclaimed // _MIB} of {need // _MIB} MiB")
+    return tuple(chosen)
+
+
+def _choose_restore(
+    host: HostSample,
+    samples: list[ContainerSample],
+    running: list[ContainerSample],
+    priorities: Mapping[str, Priority],
+    histories: Mapping[str, History],
+    config: Config,
+    now: float,
+    last_pressure_at: float | None,
+    notes: list[str],
+) -> tuple[Decision, ...]:
+    evicted = [s for s in samples if s.evicted]
+    if not evicted:
+        return ()
+    if last_pressure_at is not None and now - last_pressure_at < config.restore.stable_seconds:
+        notes.append(f"restores wait until pressure has been gone for"
+                     f" {config.restore.stable_seconds:g} s"
+                     f" ({now - last_pressure_at:.0f} s so far)")
+        return ()
+    empty = History()
+    ready = []
+    for sample in evicted:
+        history = histories.get(sample.name, empty)
+        backoff = restore_backoff_seconds(history, config.restore)
+        failed_at = history.last_restore_failure_at
+        if failed_at is not None and now - failed_at < backoff:
+            notes.append(f"{sample.name}: restore failed {history.restore_failures} time(s);"
+                         f" retrying in {failed_at + backoff - now:.0f} s")
+            continue
+        ready.append(sample)
+    if not ready:
+        return ()
+    head = min(ready, key=lambda s: (-priorities[s.name].value, s.name))
+    footprint = head.evicted_usage_bytes or 0
+    total = host.total_bytes
+    room = host.available_bytes - config.triggers.high_watermark.resolve(total) \
+        - config.restore.margin.resolve(total)
+    if config.triggers.budget is not None:
+        budget_room = (config.triggers.budget.resolve(total)
+                       - config.triggers.min_reclaim.resolve(total)
+                       - sum(s.usage_bytes for s in running))
+        room = min(room, budget_room)
+    if footprint > room:
+        notes.append(f"{head.name} (priority {priorities[head.name].value}) waits for room:"
+                     f" needs {footprint // _MIB} MiB, {max(room, 0) // _MIB} MiB free above"
+                     " the high watermark and margin")
+        return ()
+    return (Decision(container=head.name, action=Action.RESTORE,
+                     priority=priorities[head.name].value, size_bytes=footprint,
+                     reason=f"highest-priority evicted container ({footprint // _MIB} MiB);"
+                     f" {room // _MIB} MiB of room"),)
