@@ -69,8 +69,10 @@ def locate_memory_cgroup(proc_cgroup: dict[str, str], cgroup_root: Path) -> Memo
     """
     unified = None
     if "" in proc_cgroup:
-        tree = cgroup_root if (cgroup_root / "cgroup.controllers").exists() else (
-            cgroup_root / "unified"
+        tree = (
+            cgroup_root
+            if (cgroup_root / "cgroup.controllers").exists()
+            else (cgroup_root / "unified")
         )
         unified = tree / proc_cgroup[""].lstrip("/")
     if "memory" in proc_cgroup and (cgroup_root / "memory").is_dir():

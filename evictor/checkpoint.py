@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 from evictor import criu
 from evictor.errors import (
@@ -21,6 +22,7 @@ from evictor.errors import (
     PreflightError,
 )
 from evictor.images import ImageState, ImageStore
+from evictor.journal import Event, EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
 from evictor.model import ContainerState, validate_container_name
@@ -69,26 +71,36 @@ def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> int:
 
 
 def evict(
-    runtime: LxcRuntime, store: ImageStore, name: str, *, reason: str = "operator request"
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    name: str,
+    *,
+    reason: str = "operator request",
 ) -> Eviction:
-    """Checkpoint ``name`` to the image store and stop it; raise EvictorError on failure."""
+    """Checkpoint ``name`` to the image store and stop it; raise EvictorError on failure.
+
+    A failure of the checkpoint itself (not of the preflight) is recorded in the
+    journal, so that the planner ranks the container last next time.
+    """
     validate_container_name(name)
     started = time.monotonic()
     with store.lock(name):
         usage_bytes = preflight(runtime, store, name)
-        image_dir = store.begin(name)
+        phase = "dump"
         try:
+            image_dir = store.begin(name)
             dump_started = time.monotonic()
             runtime.checkpoint(name, image_dir)
             dump_seconds = time.monotonic() - dump_started
             state = runtime.state(name)
             if state is not ContainerState.STOPPED:
                 raise CheckpointFailed(
-                    f"{name}: is {state.value} after a successful dump",
-                    container=name,
-                    phase="dump",
+                    f"{name}: is {state.value} after a successful dump", container=name, phase=phase
                 )
+            phase = "seal"
             files = store.seal(name)
+            phase = "commit"
             manifest = Manifest(
                 container=name,
                 lxc_path=str(runtime.lxc_path),
@@ -97,13 +109,36 @@ def evict(
                 memory_usage_bytes=usage_bytes,
                 dump_duration_seconds=round(dump_seconds, 6),
                 files=files,
-                dump_stats=criu.parse_dump_stats((image_dir / "stats-dump").read_bytes()),
+                dump_stats=_dump_stats(image_dir),
             )
             store.commit(manifest)
         except BaseException as error:
-            _roll_back(runtime, store, name, error)
-            raise
+            failure = _as_failure(error, name, phase)
+            _roll_back(runtime, store, name, failure or error)
+            if failure is None:
+                raise
+            journal.record(
+                Event(
+                    container=name,
+                    at=time.time(),
+                    kind=EventKind.EVICT_FAILED,
+                    detail=str(failure).removeprefix(f"{name}: "),
+                )
+            )
+            if failure is error:
+                raise
+            raise failure from error
     eviction = Eviction(manifest=manifest, duration_seconds=time.monotonic() - started)
+    journal.record(
+        Event(
+            container=name,
+            at=manifest.evicted_at,
+            kind=EventKind.EVICTED,
+            size_bytes=manifest.image_bytes,
+            duration_seconds=eviction.duration_seconds,
+            detail=reason,
+        )
+    )
     log.info(
         "evicted %s (%s): %d bytes in use, image %d bytes, %.2f s (dump %.2f s, frozen %.2f s)",
         name,
@@ -115,6 +150,28 @@ def evict(
         manifest.dump_stats.frozen_time_us / 1e6,
     )
     return eviction
+
+
+def _as_failure(error: BaseException, name: str, phase: str) -> CheckpointFailed | None:
+    """The CheckpointFailed to report for ``error``; None for an interruption (Ctrl-C)."""
+    if isinstance(error, CheckpointFailed):
+        return error
+    if isinstance(error, OSError):
+        return CheckpointFailed(
+            f"{name}: {phase} failed: {error.strerror or error}", container=name, phase=phase
+        )
+    if isinstance(error, EvictorError):
+        return CheckpointFailed(f"{error}", container=name, phase=phase)
+    return None
+
+
+def _dump_stats(image_dir: Path) -> criu.DumpStats:
+    """CRIU's figures for the manifest; their absence never fails an eviction."""
+    try:
+        return criu.parse_dump_stats((image_dir / "stats-dump").read_bytes())
+    except (OSError, criu.StatsFormatError) as error:
+        log.warning("no dump stats in %s: %s", image_dir, error)
+        return criu.DumpStats()
 
 
 def _roll_back(runtime: LxcRuntime, store: ImageStore, name: str, error: BaseException) -> None:

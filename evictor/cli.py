@@ -1,28 +1,32 @@
 """The ``evictor`` command.
 
-Exit codes: 0 success, 1 an operation failed, 2 bad usage (nothing changed).
-Every error is one line on stderr; ``-v`` adds CRIU's log lines and debug logs.
+Exit codes: 0 success, 1 an operation failed, 2 bad usage or a bad config
+(nothing changed). Every error is one line on stderr; ``-v`` adds CRIU's log
+lines and debug logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from evictor import checkpoint, restore
+from evictor.config import DEFAULT_CONFIG_PATH, ConfigError, describe, load_config
+from evictor.engine import Engine
 from evictor.errors import EvictorError, RuntimeFailure, UsageError
-from evictor.images import ImageState, ImageStore
-from evictor.lxc_runtime import DEFAULT_LXC_PATH, LxcRuntime
-from evictor.model import ContainerState, validate_container_name
+from evictor.model import ContainerSample, HostSample, validate_container_name
+from evictor.ranking import History, Label, Plan, eligibility
 from evictor.units import format_age, format_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-DEFAULT_STATE_DIR = Path("/var/lib/evictor")
 
 log = logging.getLogger("evictor")
 
@@ -32,38 +36,85 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"evictor: error: {message} (see 'evictor --help')\n")
 
 
+def _priority_value(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"priority must be an integer, got {raw!r}") from None
+    if not -(10**9) <= value <= 10**9:
+        raise argparse.ArgumentTypeError(f"priority must be within +-1e9, got {raw}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="evictor", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="show details and debug logs")
     parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help=f"config file (default {DEFAULT_CONFIG_PATH} if it exists)",
+    )
+    parser.add_argument(
         "-P",
         "--lxcpath",
         type=Path,
-        default=DEFAULT_LXC_PATH,
-        help=f"LXC path of the containers (default {DEFAULT_LXC_PATH})",
+        default=None,
+        help="LXC path of the containers (overrides lxc_path)",
     )
     parser.add_argument(
         "--state-dir",
         type=Path,
-        default=DEFAULT_STATE_DIR,
-        help=f"evictor's state; images go in STATE_DIR/images (default {DEFAULT_STATE_DIR})",
+        default=None,
+        help="evictor's state directory (overrides state_dir)",
     )
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
-    evict = commands.add_parser("evict", help="checkpoint containers to disk and stop them")
-    evict.add_argument("names", nargs="+", metavar="NAME")
-    evict.set_defaults(handler=_cmd_evict)
-    restore_cmd = commands.add_parser("restore", help="restore evicted containers")
-    restore_cmd.add_argument("names", nargs="+", metavar="NAME")
-    restore_cmd.set_defaults(handler=_cmd_restore)
-    list_cmd = commands.add_parser("list", help="containers, their memory and their images")
-    list_cmd.set_defaults(handler=_cmd_list)
-    demo = commands.add_parser("demo", help="evict and restore a built-in demo container")
+
+    def command(
+        name: str,
+        handler: Callable[..., int],
+        help: str,
+        *,
+        names: str | None = None,
+        json_output: bool = False,
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        if names == "+":
+            sub.add_argument("names", nargs="+", metavar="NAME")
+        elif names == "1":
+            sub.add_argument("name", metavar="NAME")
+        if json_output:
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("evict", _cmd_evict, "checkpoint containers to disk and stop them", names="+")
+    command("restore", _cmd_restore, "restore evicted containers", names="+")
+    command("list", _cmd_list, "containers, their memory and their images", json_output=True)
+    command(
+        "status",
+        _cmd_status,
+        "host memory and pressure, and every container's standing",
+        json_output=True,
+    )
+    command("plan", _cmd_plan, "what evictor would do now, and why (a dry run)", json_output=True)
+    label = command("label", _cmd_label, "set a container's priority or protection", names="1")
+    label.add_argument("--priority", type=_priority_value, help="higher is more important")
+    protection = label.add_mutually_exclusive_group()
+    protection.add_argument(
+        "--protect", dest="protected", action="store_true", default=None, help="never evict it"
+    )
+    protection.add_argument("--unprotect", dest="protected", action="store_false")
+    label.add_argument("--clear", action="store_true", help="remove the label")
+    check = command("check-config", _cmd_check_config, "validate a config file")
+    check.add_argument("path", nargs="?", type=Path, metavar="PATH")
+    demo = command("demo", _cmd_demo, "evict and restore a built-in demo container")
     demo.add_argument(
         "--memory-mib", type=int, default=256, help="memory the demo workload holds (default 256)"
     )
-    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
@@ -88,9 +139,9 @@ def _report(error: EvictorError) -> None:
             log.debug("  criu: %s", line)
 
 
-def _cmd_evict(args: argparse.Namespace, runtime: LxcRuntime, store: ImageStore) -> int:
+def _cmd_evict(args: argparse.Namespace, engine: Engine) -> int:
     def evict_one(name: str) -> str:
-        done = checkpoint.evict(runtime, store, name)
+        done = checkpoint.evict(engine.runtime, engine.store, engine.journal, name)
         return (
             f"evicted {name}: {format_bytes(done.manifest.memory_usage_bytes)} in use,"
             f" image {format_bytes(done.manifest.image_bytes)},"
@@ -100,9 +151,9 @@ def _cmd_evict(args: argparse.Namespace, runtime: LxcRuntime, store: ImageStore)
     return _for_each(args.names, evict_one)
 
 
-def _cmd_restore(args: argparse.Namespace, runtime: LxcRuntime, store: ImageStore) -> int:
+def _cmd_restore(args: argparse.Namespace, engine: Engine) -> int:
     def restore_one(name: str) -> str:
-        done = restore.restore(runtime, store, name)
+        done = restore.restore(engine.runtime, engine.store, engine.journal, name)
         return (
             f"restored {name}: image {format_bytes(done.manifest.image_bytes)},"
             f" {done.duration_seconds:.2f} s, evicted for {format_age(done.evicted_seconds)}"
@@ -111,37 +162,207 @@ def _cmd_restore(args: argparse.Namespace, runtime: LxcRuntime, store: ImageStor
     return _for_each(args.names, restore_one)
 
 
-def _cmd_list(args: argparse.Namespace, runtime: LxcRuntime, store: ImageStore) -> int:
-    images = {image.container: image for image in store.images()}
-    rows = [("NAME", "STATE", "MEMORY", "IMAGE", "EVICTED")]
-    now = time.time()
-    for name in sorted(set(runtime.names()) | set(images)):
-        state = runtime.state(name).value if runtime.exists(name) else "MISSING"
-        usage = runtime.memory_usage_bytes(name) if state == "RUNNING" else None
-        image = images.get(name)
-        image_size = evicted = "-"
-        if image is not None and image.manifest is not None:
-            if state == ContainerState.STOPPED.value:
-                state = "EVICTED"
-            image_size = format_bytes(image.manifest.image_bytes)
-            evicted = f"{format_age(now - image.manifest.evicted_at)} ago"
-        elif image is not None and image.state is ImageState.PARTIAL:
-            image_size = "partial"
-        rows.append(
-            (name, state, format_bytes(usage) if usage is not None else "-", image_size, evicted)
-        )
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(_jsonable(document), indent=2, sort_keys=True))
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _state(sample: ContainerSample) -> str:
+    return "EVICTED" if sample.evicted else sample.state.value
+
+
+def _memory(sample: ContainerSample) -> str:
+    return format_bytes(sample.usage_bytes) if sample.usage_bytes else "-"
+
+
+def _image(sample: ContainerSample, now: float) -> tuple[str, str]:
+    if sample.image_bytes is None or sample.evicted_at is None:
+        return "-", "-"
+    return format_bytes(sample.image_bytes), f"{format_age(now - sample.evicted_at)} ago"
+
+
+def _cmd_list(args: argparse.Namespace, engine: Engine) -> int:
+    sample = engine.monitor.sample()
+    if args.json:
+        _print_json(sample.containers)
+        return EXIT_OK
+    now = time.time()
+    rows = [("NAME", "STATE", "MEMORY", "IMAGE", "EVICTED")]
+    rows += [(c.name, _state(c), _memory(c), *_image(c, now)) for c in sample.containers]
+    _table(rows)
     return EXIT_OK
 
 
-def _cmd_demo(args: argparse.Namespace, runtime: LxcRuntime, store: ImageStore) -> int:
+def _host_line(host: HostSample) -> str:
+    psi = host.pressure
+    pressure = (
+        f"PSI some {psi.some_avg10:.1f}%/{psi.some_avg60:.1f}%,"
+        f" full {psi.full_avg10:.1f}%/{psi.full_avg60:.1f}% (avg10/avg60)"
+        if psi is not None
+        else "no PSI"
+    )
+    return (
+        f"host: {format_bytes(host.available_bytes)} available of"
+        f" {format_bytes(host.total_bytes)}, {format_bytes(host.free_bytes)} free,"
+        f" page cache {format_bytes(host.cached_bytes)}, swap"
+        f" {format_bytes(host.swap_total_bytes - host.swap_free_bytes)} used; {pressure}"
+    )
+
+
+def _pressure_lines(plan: Plan) -> list[str]:
+    if not plan.triggers:
+        return ["pressure: none"]
+    return [f"pressure: {t}" for t in plan.triggers] + (
+        ["memory is critically low: anti-thrash cooldowns are ignored"] if plan.critical else []
+    )
+
+
+def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
+    now = time.time()
+    sample = engine.monitor.sample()
+    plan = engine.plan(sample, now, last_pressure_at=None)
+    priorities = engine.priorities(c.name for c in sample.containers)
+    histories = engine.histories(now)
+    standing = {
+        c.name: eligibility(
+            c, priorities[c.name], histories.get(c.name, History()), engine.config, now
+        )
+        for c in sample.containers
+    }
+    if args.json:
+        _print_json(
+            {
+                "host": sample.host,
+                "pressure": plan.triggers,
+                "critical": plan.critical,
+                "containers": [
+                    {
+                        **_jsonable(c),
+                        "priority": priorities[c.name].value,
+                        "priority_source": priorities[c.name].source,
+                        "protected": priorities[c.name].protected,
+                        "eligibility": standing[c.name],
+                    }
+                    for c in sample.containers
+                ],
+            }
+        )
+        return EXIT_OK
+    print(_host_line(sample.host))
+    for line in _pressure_lines(plan):
+        print(line)
+    print()
+    rows = [
+        (
+            "NAME",
+            "STATE",
+            "PRIORITY",
+            "FROM",
+            "MEMORY",
+            "WORKING SET",
+            "ELIGIBILITY",
+            "IMAGE",
+            "EVICTED",
+        )
+    ]
+    for c in sample.containers:
+        p = priorities[c.name]
+        rows.append(
+            (
+                c.name,
+                _state(c),
+                str(p.value),
+                p.source,
+                _memory(c),
+                format_bytes(c.working_set_bytes) if c.usage_bytes else "-",
+                standing[c.name],
+                *_image(c, now),
+            )
+        )
+    _table(rows)
+    return EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace, engine: Engine) -> int:
+    plan = engine.plan(engine.monitor.sample(), time.time(), last_pressure_at=None)
+    if args.json:
+        _print_json({**_jsonable(plan), "pressure": plan.pressure})
+        return EXIT_OK
+    for line in _pressure_lines(plan):
+        print(line)
+    if plan.pressure:
+        print(
+            f"reclaim target: {format_bytes(plan.reclaim_target_bytes)},"
+            f" planned: {format_bytes(plan.reclaim_planned_bytes)}"
+        )
+    for decision in (*plan.evictions, *plan.restores):
+        print(f"{decision.action.value} {decision.container}: {decision.reason}")
+    for note in plan.notes:
+        print(f"note: {note}")
+    if not plan.evictions and not plan.restores:
+        print("nothing to do")
+    return EXIT_OK
+
+
+def _cmd_label(args: argparse.Namespace, engine: Engine) -> int:
+    name = validate_container_name(args.name)
+    if args.clear:
+        if args.priority is not None or args.protected is not None:
+            raise UsageError("--clear cannot be combined with --priority, --protect or --unprotect")
+        engine.journal.clear_label(name)
+        print(f"{name}: label cleared")
+        return EXIT_OK
+    if args.priority is None and args.protected is None:
+        raise UsageError("label needs --priority N, --protect, --unprotect or --clear")
+    engine.journal.set_label(name, Label(priority=args.priority, protected=args.protected))
+    priority = engine.priorities([name])[name]
+    protection = "protected" if priority.protected else "not protected"
+    print(f"{name}: priority {priority.value} (from {priority.source}), {protection}")
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace, engine: Engine) -> int:
+    print(f"{args.path or args.config or DEFAULT_CONFIG_PATH}: OK")
+    print(describe(engine.config))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace, engine: Engine) -> int:
     from evictor import demo  # the demo pulls in the testbed, which the daemon never needs
 
-    return demo.run(state_dir=args.state_dir, memory_mib=args.memory_mib)
+    return demo.run(state_dir=engine.config.state_dir, memory_mib=args.memory_mib)
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    path = args.path if args.command == "check-config" and args.path else args.config
+    if args.command == "check-config" and path is None:
+        path = DEFAULT_CONFIG_PATH
+    config = load_config(path)
+    overrides = {}
+    if args.lxcpath is not None:
+        overrides["lxc_path"] = args.lxcpath.absolute()
+    if args.state_dir is not None:
+        overrides["state_dir"] = args.state_dir.absolute()
+    return Engine(dataclasses.replace(config, **overrides))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,11 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    runtime = LxcRuntime(args.lxcpath)
-    store = ImageStore(args.state_dir / "images")
     try:
-        return int(args.handler(args, runtime, store))
-    except UsageError as error:
+        return int(args.handler(args, _engine(args)))
+    except (UsageError, ConfigError) as error:
         print(f"evictor: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except EvictorError as error:

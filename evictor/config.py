@@ -31,8 +31,18 @@ class ConfigError(EvictorError):
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|%)?\s*")
-_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
-          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS = {
+    None: 1,
+    "B": 1,
+    "KiB": 1 << 10,
+    "MiB": 1 << 20,
+    "GiB": 1 << 30,
+    "TiB": 1 << 40,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+}
 _MAX_BYTES = 1 << 60  # an exbibyte: anything larger is a typo
 
 
@@ -129,7 +139,7 @@ def _type_error(key: str, expected: str, raw: object) -> ConfigError:
 
 def _size(key: str, raw: object, *, percent_allowed: bool = True) -> Size:
     if isinstance(raw, bool) or not isinstance(raw, int | str):
-        raise _type_error(key, "a size such as 536870912, \"512MiB\" or \"10%\"", raw)
+        raise _type_error(key, 'a size such as 536870912, "512MiB" or "10%"', raw)
     if isinstance(raw, int):
         if raw < 0:
             raise ConfigError(f"{key}: must not be negative, got {raw}")
@@ -140,7 +150,7 @@ def _size(key: str, raw: object, *, percent_allowed: bool = True) -> Size:
         raise ConfigError(f"{key}: must not be negative, got {raw!r}")
     match = _SIZE.fullmatch(raw)
     if match is None:
-        raise ConfigError(f"{key}: {raw!r} is not a size (use e.g. \"512MiB\", \"2GB\" or \"10%\")")
+        raise ConfigError(f'{key}: {raw!r} is not a size (use e.g. "512MiB", "2GB" or "10%")')
     number, unit = float(match.group(1)), match.group(2)
     if unit == "%":
         if not percent_allowed:
@@ -157,6 +167,7 @@ def _size(key: str, raw: object, *, percent_allowed: bool = True) -> Size:
 def _optional(convert: Callable[[str, object], T]) -> Callable[[str, object], T | None]:
     def optional(key: str, raw: object) -> T | None:
         return None if raw == "off" else convert(key, raw)
+
     return optional
 
 
@@ -219,7 +230,7 @@ def _priority(key: str, raw: object) -> int:
 
 def _glob(key: str, raw: object) -> str:
     if not isinstance(raw, str) or not raw:
-        raise ConfigError(f"{key}: expected a non-empty glob such as \"db-*\", got {raw!r}")
+        raise ConfigError(f'{key}: expected a non-empty glob such as "db-*", got {raw!r}')
     return raw
 
 
@@ -255,11 +266,13 @@ def _triggers(table: _Table) -> Triggers:
         high_watermark=table.take("high_watermark", _size, d.high_watermark),
         critical_watermark=table.take("critical_watermark", _size, d.critical_watermark),
         min_reclaim=table.take("min_reclaim", _size, d.min_reclaim),
-        host_psi_some_avg10=table.take("host_psi_some_avg10", _optional(_percent),
-                                       d.host_psi_some_avg10),
+        host_psi_some_avg10=table.take(
+            "host_psi_some_avg10", _optional(_percent), d.host_psi_some_avg10
+        ),
         important_priority=table.take("important_priority", _priority, d.important_priority),
-        important_psi_some_avg10=table.take("important_psi_some_avg10", _optional(_percent),
-                                            d.important_psi_some_avg10),
+        important_psi_some_avg10=table.take(
+            "important_psi_some_avg10", _optional(_percent), d.important_psi_some_avg10
+        ),
         budget=table.take("budget", _optional(_size), d.budget),
     )
     table.done()
@@ -271,13 +284,17 @@ def _triggers(table: _Table) -> Triggers:
         )
     values = [w.percent if w.percent is not None else w.bytes for w in watermarks]
     if not values[1] < values[2]:  # type: ignore[operator]
-        raise ConfigError(f"{table.prefix}low_watermark: must be below"
-                          f" {table.prefix}high_watermark ({triggers.low_watermark} >="
-                          f" {triggers.high_watermark})")
+        raise ConfigError(
+            f"{table.prefix}low_watermark: must be below"
+            f" {table.prefix}high_watermark ({triggers.low_watermark} >="
+            f" {triggers.high_watermark})"
+        )
     if not values[0] < values[1]:  # type: ignore[operator]
-        raise ConfigError(f"{table.prefix}critical_watermark: must be below"
-                          f" {table.prefix}low_watermark ({triggers.critical_watermark} >="
-                          f" {triggers.low_watermark})")
+        raise ConfigError(
+            f"{table.prefix}critical_watermark: must be below"
+            f" {table.prefix}low_watermark ({triggers.critical_watermark} >="
+            f" {triggers.low_watermark})"
+        )
     return triggers
 
 
@@ -286,15 +303,19 @@ def _restore(table: _Table) -> RestorePolicy:
     policy = RestorePolicy(
         stable_seconds=table.take("stable_seconds", _number, d.stable_seconds),
         margin=table.take("margin", _size, d.margin),
-        failure_backoff_seconds=table.take("failure_backoff_seconds", _positive,
-                                           d.failure_backoff_seconds),
-        max_failure_backoff_seconds=table.take("max_failure_backoff_seconds", _positive,
-                                               d.max_failure_backoff_seconds),
+        failure_backoff_seconds=table.take(
+            "failure_backoff_seconds", _positive, d.failure_backoff_seconds
+        ),
+        max_failure_backoff_seconds=table.take(
+            "max_failure_backoff_seconds", _positive, d.max_failure_backoff_seconds
+        ),
     )
     table.done()
     if policy.max_failure_backoff_seconds < policy.failure_backoff_seconds:
-        raise ConfigError(f"{table.prefix}max_failure_backoff_seconds: must be at least"
-                          f" {table.prefix}failure_backoff_seconds")
+        raise ConfigError(
+            f"{table.prefix}max_failure_backoff_seconds: must be at least"
+            f" {table.prefix}failure_backoff_seconds"
+        )
     return policy
 
 
@@ -303,15 +324,18 @@ def _antithrash(table: _Table) -> AntiThrash:
     policy = AntiThrash(
         cooldown_seconds=table.take("cooldown_seconds", _number, d.cooldown_seconds),
         backoff_factor=table.take(
-            "backoff_factor", lambda k, r: _number(k, r, minimum=1.0, maximum=100.0),
-            d.backoff_factor),
+            "backoff_factor",
+            lambda k, r: _number(k, r, minimum=1.0, maximum=100.0),
+            d.backoff_factor,
+        ),
         window_seconds=table.take("window_seconds", _number, d.window_seconds),
         max_cooldown_seconds=table.take("max_cooldown_seconds", _number, d.max_cooldown_seconds),
     )
     table.done()
     if policy.max_cooldown_seconds < policy.cooldown_seconds:
-        raise ConfigError(f"{table.prefix}max_cooldown_seconds: must be at least"
-                          f" {table.prefix}cooldown_seconds")
+        raise ConfigError(
+            f"{table.prefix}max_cooldown_seconds: must be at least {table.prefix}cooldown_seconds"
+        )
     return policy
 
 
@@ -338,8 +362,9 @@ def _priorities(table: _Table) -> Priorities:
     default = table.take("default", _priority, 0)
     raw_rules: Any = table.take("rules", _as_is, [])
     if not isinstance(raw_rules, list):
-        raise _type_error(f"{table.prefix}rules", "an array of tables ([[priorities.rules]])",
-                          raw_rules)
+        raise _type_error(
+            f"{table.prefix}rules", "an array of tables ([[priorities.rules]])", raw_rules
+        )
     rules = tuple(_rule(f"{table.prefix}rules[{i}]", raw) for i, raw in enumerate(raw_rules))
     table.done()
     return Priorities(default=default, rules=rules)
@@ -364,8 +389,10 @@ def parse_config(document: dict[str, Any]) -> Config:
         lxc_path=top.take("lxc_path", _path, d.lxc_path),
         state_dir=top.take("state_dir", _path, d.state_dir),
         interval_seconds=top.take(
-            "interval_seconds", lambda k, r: _number(k, r, minimum=0.05, maximum=3600),
-            d.interval_seconds),
+            "interval_seconds",
+            lambda k, r: _number(k, r, minimum=0.05, maximum=3600),
+            d.interval_seconds,
+        ),
         triggers=_triggers(top.table("triggers")),
         restore=_restore(top.table("restore")),
         antithrash=_antithrash(top.table("antithrash")),
@@ -397,5 +424,6 @@ def load_config(path: Path | None) -> Config:
 
 def describe(config: Config) -> str:
     """The effective configuration on one line, for the log at start."""
-    return " ".join(f"{field.name}={getattr(config, field.name)}"
-                    for field in dataclasses.fields(config))
+    return " ".join(
+        f"{field.name}={getattr(config, field.name)}" for field in dataclasses.fields(config)
+    )

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from evictor import checkpoint, restore, testbed
-from evictor.images import ImageStore
-from evictor.lxc_runtime import LxcRuntime
+from evictor.config import Config
+from evictor.engine import Engine
 from evictor.monitor import read_meminfo
 from evictor.units import format_bytes
 
@@ -25,8 +25,8 @@ def _say(message: str) -> None:
 
 def run(*, state_dir: Path, memory_mib: int) -> int:
     demo_dir = state_dir / "demo"
-    runtime = LxcRuntime(demo_dir / "lxc")
-    store = ImageStore(demo_dir / "images")
+    engine = Engine(Config(lxc_path=demo_dir / "lxc", state_dir=demo_dir))
+    runtime, store = engine.runtime, engine.store
     if runtime.exists(DEMO_CONTAINER):
         runtime.destroy(DEMO_CONTAINER)  # left behind by an interrupted demo
     shutil.rmtree(demo_dir, ignore_errors=True)
@@ -46,7 +46,7 @@ def run(*, state_dir: Path, memory_mib: int) -> int:
         )
 
         meminfo_before = read_meminfo()
-        eviction = checkpoint.evict(runtime, store, DEMO_CONTAINER, reason="demo")
+        eviction = checkpoint.evict(runtime, store, engine.journal, DEMO_CONTAINER, reason="demo")
         meminfo_after = read_meminfo()
         frozen_at = testbed.read_status(runtime, DEMO_CONTAINER) or before
         _say(
@@ -65,7 +65,7 @@ def run(*, state_dir: Path, memory_mib: int) -> int:
         time.sleep(3)
         _say(f"3 s later its counter is still {frozen_at.counter}: nothing runs")
 
-        restoration = restore.restore(runtime, store, DEMO_CONTAINER)
+        restoration = restore.restore(runtime, store, engine.journal, DEMO_CONTAINER)
         after = testbed.wait_for_counter(runtime, DEMO_CONTAINER, above=frozen_at.counter)
         continued = after.incarnation == before.incarnation
         _say(

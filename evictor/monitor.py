@@ -60,8 +60,9 @@ def sample_host(proc_root: Path = DEFAULT_PROC_ROOT) -> HostSample:
 
 
 class Monitor:
-    def __init__(self, runtime: LxcRuntime, store: ImageStore,
-                 proc_root: Path = DEFAULT_PROC_ROOT) -> None:
+    def __init__(
+        self, runtime: LxcRuntime, store: ImageStore, proc_root: Path = DEFAULT_PROC_ROOT
+    ) -> None:
         self.runtime = runtime
         self.store = store
         self.proc_root = proc_root
@@ -87,15 +88,22 @@ class Monitor:
                     pass  # stopped while we read it: sampled as it is next tick
                 else:
                     return ContainerSample(
-                        name=name, state=state, usage_bytes=stats.usage_bytes,
-                        working_set_bytes=stats.working_set_bytes, anon_bytes=stats.anon_bytes,
-                        file_bytes=stats.file_bytes, limit_bytes=stats.limit_bytes,
+                        name=name,
+                        state=state,
+                        usage_bytes=stats.usage_bytes,
+                        working_set_bytes=stats.working_set_bytes,
+                        anon_bytes=stats.anon_bytes,
+                        file_bytes=stats.file_bytes,
+                        limit_bytes=stats.limit_bytes,
                         pressure=stats.pressure,
                     )
         if state is ContainerState.STOPPED and image is not None and image.manifest is not None:
             return ContainerSample(
-                name=name, state=state, evicted=True,
+                name=name,
+                state=state,
+                evicted=True,
                 evicted_usage_bytes=image.manifest.memory_usage_bytes,
-                image_bytes=image.manifest.image_bytes, evicted_at=image.manifest.evicted_at,
+                image_bytes=image.manifest.image_bytes,
+                evicted_at=image.manifest.evicted_at,
             )
         return ContainerSample(name=name, state=state)

@@ -158,31 +158,43 @@ def _triggers(
     need = 0
     low = t.low_watermark.resolve(total)
     if host.available_bytes < low:
-        triggers.append(f"MemAvailable {host.available_bytes // _MIB} MiB is below the low"
-                        f" watermark {low // _MIB} MiB")
+        triggers.append(
+            f"MemAvailable {host.available_bytes // _MIB} MiB is below the low"
+            f" watermark {low // _MIB} MiB"
+        )
         need = max(need, watermark_need)
-    if (t.host_psi_some_avg10 is not None and host.pressure is not None
-            and host.pressure.some_avg10 >= t.host_psi_some_avg10):
-        triggers.append(f"host memory PSI some avg10 {host.pressure.some_avg10:.1f}% is at or"
-                        f" above {t.host_psi_some_avg10:g}%")
+    if (
+        t.host_psi_some_avg10 is not None
+        and host.pressure is not None
+        and host.pressure.some_avg10 >= t.host_psi_some_avg10
+    ):
+        triggers.append(
+            f"host memory PSI some avg10 {host.pressure.some_avg10:.1f}% is at or"
+            f" above {t.host_psi_some_avg10:g}%"
+        )
         need = max(need, watermark_need)
     in_need = set()
     if t.important_psi_some_avg10 is not None:
         for sample in running:
             stall = sample.pressure.some_avg10 if sample.pressure is not None else 0.0
-            if (priorities[sample.name].value >= t.important_priority
-                    and stall >= t.important_psi_some_avg10):
+            if (
+                priorities[sample.name].value >= t.important_priority
+                and stall >= t.important_psi_some_avg10
+            ):
                 in_need.add(sample.name)
-                triggers.append(f"important container {sample.name} (priority"
-                                f" {priorities[sample.name].value}) stalls on memory: PSI some"
-                                f" avg10 {stall:.1f}% >= {t.important_psi_some_avg10:g}%")
+                triggers.append(
+                    f"important container {sample.name} (priority"
+                    f" {priorities[sample.name].value}) stalls on memory: PSI some"
+                    f" avg10 {stall:.1f}% >= {t.important_psi_some_avg10:g}%"
+                )
                 need = max(need, watermark_need)
     if t.budget is not None:
         budget = t.budget.resolve(total)
         used = sum(s.usage_bytes for s in running)
         if used > budget:
-            triggers.append(f"containers use {used // _MIB} MiB, over the budget of"
-                            f" {budget // _MIB} MiB")
+            triggers.append(
+                f"containers use {used // _MIB} MiB, over the budget of {budget // _MIB} MiB"
+            )
             need = max(need, used - budget + min_reclaim)
     return triggers, need, in_need
 
@@ -208,14 +220,28 @@ def plan(
     critical = host.available_bytes < config.triggers.critical_watermark.resolve(host.total_bytes)
     notes: list[str] = []
     if triggers:
-        evictions = _choose_evictions(running, priorities, histories, config, now, need,
-                                      critical, in_need, notes)
-        return Plan(triggers=tuple(triggers), critical=critical, reclaim_target_bytes=need,
-                    evictions=evictions, restores=(), notes=tuple(notes))
-    restores = _choose_restore(host, samples, running, priorities, histories, config, now,
-                               last_pressure_at, notes)
-    return Plan(triggers=(), critical=critical, reclaim_target_bytes=0, evictions=(),
-                restores=restores, notes=tuple(notes))
+        evictions = _choose_evictions(
+            running, priorities, histories, config, now, need, critical, in_need, notes
+        )
+        return Plan(
+            triggers=tuple(triggers),
+            critical=critical,
+            reclaim_target_bytes=need,
+            evictions=evictions,
+            restores=(),
+            notes=tuple(notes),
+        )
+    restores = _choose_restore(
+        host, samples, running, priorities, histories, config, now, last_pressure_at, notes
+    )
+    return Plan(
+        triggers=(),
+        critical=critical,
+        reclaim_target_bytes=0,
+        evictions=(),
+        restores=restores,
+        notes=tuple(notes),
+    )
 
 
 def _choose_evictions(
@@ -238,11 +264,20 @@ def _choose_evictions(
             continue
         left = _cooling_down(history, config.antithrash, now)
         if left is not None and not critical:
-            notes.append(f"{sample.name} spared: restored recently, cooling down for"
-                         f" {left:.0f} s more")
+            notes.append(
+                f"{sample.name} spared: restored recently, cooling down for {left:.0f} s more"
+            )
             continue
-        candidates.append((priority.value, history.checkpoint_failure is not None,
-                           -sample.usage_bytes, sample.name, sample, history))
+        candidates.append(
+            (
+                priority.value,
+                history.checkpoint_failure is not None,
+                -sample.usage_bytes,
+                sample.name,
+                sample,
+                history,
+            )
+        )
     candidates.sort(key=lambda c: c[:4])
     chosen: list[Decision] = []
     reclaimed = 0
@@ -253,12 +288,20 @@ def _choose_evictions(
         why = f"lowest-ranked (priority {value}, {sample.usage_bytes // _MIB} MiB)"
         if history.checkpoint_failure is not None:
             why += f"; its last checkpoint failed ({history.checkpoint_failure})"
-        chosen.append(Decision(container=name, action=Action.EVICT, priority=value,
-                               size_bytes=sample.usage_bytes,
-                               reason=f"{why}; reclaiming {need // _MIB} MiB"))
+        chosen.append(
+            Decision(
+                container=name,
+                action=Action.EVICT,
+                priority=value,
+                size_bytes=sample.usage_bytes,
+                reason=f"{why}; reclaiming {need // _MIB} MiB",
+            )
+        )
     if reclaimed < need:
-        notes.append(f"target not reachable: evicting every candidate frees"
-                     f" {reclaimed // _MIB} of {need // _MIB} MiB")
+        notes.append(
+            f"target not reachable: evicting every candidate frees"
+            f" {reclaimed // _MIB} of {need // _MIB} MiB"
+        )
     return tuple(chosen)
 
 
@@ -277,9 +320,11 @@ def _choose_restore(
     if not evicted:
         return ()
     if last_pressure_at is not None and now - last_pressure_at < config.restore.stable_seconds:
-        notes.append(f"restores wait until pressure has been gone for"
-                     f" {config.restore.stable_seconds:g} s"
-                     f" ({now - last_pressure_at:.0f} s so far)")
+        notes.append(
+            f"restores wait until pressure has been gone for"
+            f" {config.restore.stable_seconds:g} s"
+            f" ({now - last_pressure_at:.0f} s so far)"
+        )
         return ()
     empty = History()
     ready = []
@@ -288,8 +333,10 @@ def _choose_restore(
         backoff = restore_backoff_seconds(history, config.restore)
         failed_at = history.last_restore_failure_at
         if failed_at is not None and now - failed_at < backoff:
-            notes.append(f"{sample.name}: restore failed {history.restore_failures} time(s);"
-                         f" retrying in {failed_at + backoff - now:.0f} s")
+            notes.append(
+                f"{sample.name}: restore failed {history.restore_failures} time(s);"
+                f" retrying in {failed_at + backoff - now:.0f} s"
+            )
             continue
         ready.append(sample)
     if not ready:
@@ -297,19 +344,32 @@ def _choose_restore(
     head = min(ready, key=lambda s: (-priorities[s.name].value, s.name))
     footprint = head.evicted_usage_bytes or 0
     total = host.total_bytes
-    room = host.available_bytes - config.triggers.high_watermark.resolve(total) \
+    room = (
+        host.available_bytes
+        - config.triggers.high_watermark.resolve(total)
         - config.restore.margin.resolve(total)
+    )
     if config.triggers.budget is not None:
-        budget_room = (config.triggers.budget.resolve(total)
-                       - config.triggers.min_reclaim.resolve(total)
-                       - sum(s.usage_bytes for s in running))
+        budget_room = (
+            config.triggers.budget.resolve(total)
+            - config.triggers.min_reclaim.resolve(total)
+            - sum(s.usage_bytes for s in running)
+        )
         room = min(room, budget_room)
     if footprint > room:
-        notes.append(f"{head.name} (priority {priorities[head.name].value}) waits for room:"
-                     f" needs {footprint // _MIB} MiB, {max(room, 0) // _MIB} MiB free above"
-                     " the high watermark and margin")
+        notes.append(
+            f"{head.name} (priority {priorities[head.name].value}) waits for room:"
+            f" needs {footprint // _MIB} MiB, {max(room, 0) // _MIB} MiB free above"
+            " the high watermark and margin"
+        )
         return ()
-    return (Decision(container=head.name, action=Action.RESTORE,
-                     priority=priorities[head.name].value, size_bytes=footprint,
-                     reason=f"highest-priority evicted container ({footprint // _MIB} MiB);"
-                     f" {room // _MIB} MiB of room"),)
+    return (
+        Decision(
+            container=head.name,
+            action=Action.RESTORE,
+            priority=priorities[head.name].value,
+            size_bytes=footprint,
+            reason=f"highest-priority evicted container ({footprint // _MIB} MiB);"
+            f" {room // _MIB} MiB of room",
+        ),
+    )

@@ -10,8 +10,9 @@ import dataclasses
 import logging
 import time
 
-from evictor.errors import InvalidState, RestoreFailed
+from evictor.errors import CorruptImage, InvalidState, RestoreFailed
 from evictor.images import ImageStore
+from evictor.journal import Event, EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
 from evictor.model import ContainerState, validate_container_name
@@ -28,8 +29,12 @@ class Restoration:
     evicted_seconds: float  # how long the container was evicted
 
 
-def restore(runtime: LxcRuntime, store: ImageStore, name: str) -> Restoration:
-    """Verify ``name``'s image, restore it, wait until RUNNING, then remove the image."""
+def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str) -> Restoration:
+    """Verify ``name``'s image, restore it, wait until RUNNING, then remove the image.
+
+    A corrupt image or a failed restore is recorded in the journal (the planner
+    then backs off before trying again); the image is kept either way.
+    """
     validate_container_name(name)
     started = time.monotonic()
     with store.lock(name):
@@ -41,20 +46,40 @@ def restore(runtime: LxcRuntime, store: ImageStore, name: str) -> Restoration:
                 " so its image is stale and was not restored",
                 container=name,
             )
-        store.verify(name)
-        runtime.restore(name, store.path(name))
-        if not runtime.wait_for_state(name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS):
-            raise RestoreFailed(
-                f"{name}: not RUNNING {RUNNING_TIMEOUT_SECONDS:g} s after CRIU restored it"
-                f" (now {runtime.state(name).value}); image kept",
-                container=name,
-                phase="wait",
+        try:
+            store.verify(name)
+            runtime.restore(name, store.path(name))
+            if not runtime.wait_for_state(name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS):
+                raise RestoreFailed(
+                    f"{name}: not RUNNING {RUNNING_TIMEOUT_SECONDS:g} s after CRIU restored it"
+                    f" (now {runtime.state(name).value}); image kept",
+                    container=name,
+                    phase="wait",
+                )
+        except (RestoreFailed, CorruptImage) as error:
+            journal.record(
+                Event(
+                    container=name,
+                    at=time.time(),
+                    kind=EventKind.RESTORE_FAILED,
+                    detail=str(error).removeprefix(f"{name}: "),
+                )
             )
+            raise
         store.discard(name)
     restoration = Restoration(
         manifest=manifest,
         duration_seconds=time.monotonic() - started,
         evicted_seconds=max(0.0, time.time() - manifest.evicted_at),
+    )
+    journal.record(
+        Event(
+            container=name,
+            at=time.time(),
+            kind=EventKind.RESTORED,
+            size_bytes=manifest.image_bytes,
+            duration_seconds=restoration.duration_seconds,
+        )
     )
     log.info(
         "restored %s: image %d bytes, %.2f s, evicted for %.0f s",

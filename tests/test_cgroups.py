@@ -1,7 +1,8 @@
-"""The memory cgroup locator against fixture trees of each host layout."""
+"""The memory cgroup reader against fixture trees of each host layout."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,73 +11,134 @@ from evictor.cgroups import (
     CgroupVersion,
     MemoryCgroup,
     memory_cgroup_of,
+    parse_pressure,
     parse_proc_cgroup,
-    read_usage_bytes,
+    read_memory_stats,
 )
+from evictor.model import Pressure
 
+MIB = 1 << 20
 # /proc/PID/cgroup of an LXC container's init, as each layout shows it.
-HYBRID = """9:name=systemd:/lxc.payload.web
-4:memory:/lxc.payload.web
-2:cpu,cpuacct:/lxc.payload.web
-0::/lxc.payload.web
-"""
-PURE_V2 = "0::/lxc.payload.web\n"
-PURE_V1 = "4:memory:/lxc.payload.web\n1:name=systemd:/lxc.payload.web\n"
+PROC_CGROUP = {
+    "hybrid": "9:name=systemd:/lxc.payload.web\n4:memory:/lxc.payload.web\n"
+    "2:cpu,cpuacct:/lxc.payload.web\n0::/lxc.payload.web\n",
+    "v1": "4:memory:/lxc.payload.web\n1:name=systemd:/lxc.payload.web\n",
+    "v2": "0::/lxc.payload.web\n",
+}
+PRESSURE = (
+    "some avg10=12.50 avg60=3.25 avg300=1.00 total=123\n"
+    "full avg10=2.00 avg60=0.50 avg300=0.10 total=45\n"
+)
+# memory.stat excerpts in each version's own keys (v1: total_* include children).
+V1_STAT = (
+    f"cache {MIB}\nrss {MIB}\ntotal_cache {40 * MIB}\ntotal_rss {60 * MIB}\n"
+    f"total_inactive_file {30 * MIB}\ntotal_active_file {10 * MIB}\n"
+)
+V2_STAT = f"anon {70 * MIB}\nfile {25 * MIB}\ninactive_file {20 * MIB}\nactive_file {5 * MIB}\n"
 
 
-def make_tree(root: Path, layout: str) -> tuple[Path, Path]:
+def make_tree(root: Path, layout: str, *, limited: bool) -> tuple[Path, Path]:
     """Build a /proc and a /sys/fs/cgroup for pid 42 in ``layout``; return both roots."""
     proc, cgroup = root / "proc", root / "cgroup"
     (proc / "42").mkdir(parents=True)
-    (proc / "42/cgroup").write_text({"hybrid": HYBRID, "v2": PURE_V2, "v1": PURE_V1}[layout])
+    (proc / "42/cgroup").write_text(PROC_CGROUP[layout])
     if layout in ("hybrid", "v1"):
         memory = cgroup / "memory/lxc.payload.web"
         memory.mkdir(parents=True)
-        (memory / "memory.usage_in_bytes").write_text("1048576\n")
+        (memory / "memory.usage_in_bytes").write_text(f"{100 * MIB}\n")
+        (memory / "memory.stat").write_text(V1_STAT)
+        (memory / "memory.limit_in_bytes").write_text(
+            f"{512 * MIB}\n" if limited else "9223372036854771712\n"
+        )
     if layout == "hybrid":
         (cgroup / "unified/lxc.payload.web").mkdir(parents=True)
+        (cgroup / "unified/lxc.payload.web/memory.pressure").write_text(PRESSURE)
     if layout == "v2":
-        cgroup.mkdir()
+        web = cgroup / "lxc.payload.web"
+        web.mkdir(parents=True)
         (cgroup / "cgroup.controllers").write_text("cpu memory pids\n")
-        (cgroup / "lxc.payload.web").mkdir()
-        (cgroup / "lxc.payload.web/memory.current").write_text("2097152\n")
+        (web / "memory.current").write_text(f"{96 * MIB}\n")
+        (web / "memory.stat").write_text(V2_STAT)
+        (web / "memory.max").write_text(f"{512 * MIB}\n" if limited else "max\n")
+        (web / "memory.pressure").write_text(PRESSURE)
     return proc, cgroup
 
 
 def test_parse_proc_cgroup_splits_joined_controllers() -> None:
-    paths = parse_proc_cgroup(HYBRID)
+    paths = parse_proc_cgroup(PROC_CGROUP["hybrid"])
     assert paths["memory"] == paths["cpu"] == paths["cpuacct"] == "/lxc.payload.web"
     assert paths[""] == "/lxc.payload.web"
     assert paths["name=systemd"] == "/lxc.payload.web"
 
 
+def test_parse_pressure() -> None:
+    assert parse_pressure(PRESSURE) == Pressure(
+        some_avg10=12.5, some_avg60=3.25, full_avg10=2.0, full_avg60=0.5
+    )
+
+
 @pytest.mark.parametrize(
-    ("layout", "version", "relative", "usage_bytes"),
+    ("layout", "version", "memory_dir", "unified_dir"),
     [
-        ("hybrid", CgroupVersion.V1, "memory/lxc.payload.web", 1 << 20),
-        ("v1", CgroupVersion.V1, "memory/lxc.payload.web", 1 << 20),
-        ("v2", CgroupVersion.V2, "lxc.payload.web", 2 << 20),
+        ("hybrid", CgroupVersion.V1, "memory/lxc.payload.web", "unified/lxc.payload.web"),
+        ("v1", CgroupVersion.V1, "memory/lxc.payload.web", None),
+        ("v2", CgroupVersion.V2, "lxc.payload.web", "lxc.payload.web"),
     ],
 )
 def test_memory_cgroup_in_each_layout(
-    tmp_path: Path, layout: str, version: CgroupVersion, relative: str, usage_bytes: int
+    tmp_path: Path, layout: str, version: CgroupVersion, memory_dir: str, unified_dir: str | None
 ) -> None:
-    proc, cgroup_root = make_tree(tmp_path, layout)
-    found = memory_cgroup_of(42, proc_root=proc, cgroup_root=cgroup_root)
-    assert found == MemoryCgroup(version=version, path=cgroup_root / relative)
-    assert read_usage_bytes(found) == usage_bytes
+    proc, root = make_tree(tmp_path, layout, limited=False)
+    assert memory_cgroup_of(42, proc_root=proc, cgroup_root=root) == MemoryCgroup(
+        version=version,
+        path=root / memory_dir,
+        unified_path=root / unified_dir if unified_dir else None,
+    )
+
+
+@pytest.mark.parametrize("limited", [True, False], ids=["limited", "unlimited"])
+@pytest.mark.parametrize(
+    ("layout", "usage", "working_set", "anon", "file", "has_psi"),
+    [
+        # working set = usage - inactive file, as the kubelet computes it
+        ("hybrid", 100, 70, 60, 40, True),
+        ("v1", 100, 70, 60, 40, False),
+        ("v2", 96, 76, 70, 25, True),
+    ],
+)
+def test_memory_stats_in_each_layout(
+    tmp_path: Path,
+    layout: str,
+    usage: int,
+    working_set: int,
+    anon: int,
+    file: int,
+    has_psi: bool,
+    limited: bool,
+) -> None:
+    proc, root = make_tree(tmp_path, layout, limited=limited)
+    cgroup = memory_cgroup_of(42, proc_root=proc, cgroup_root=root)
+    assert cgroup is not None
+    stats = read_memory_stats(cgroup)
+    assert (stats.usage_bytes, stats.working_set_bytes, stats.anon_bytes, stats.file_bytes) == (
+        usage * MIB,
+        working_set * MIB,
+        anon * MIB,
+        file * MIB,
+    )
+    assert stats.limit_bytes == (512 * MIB if limited else None)
+    assert stats.pressure == (parse_pressure(PRESSURE) if has_psi else None)
 
 
 def test_a_gone_process_has_no_cgroup(tmp_path: Path) -> None:
-    proc, cgroup_root = make_tree(tmp_path, "v2")
-    assert memory_cgroup_of(7, proc_root=proc, cgroup_root=cgroup_root) is None
+    proc, root = make_tree(tmp_path, "v2", limited=False)
+    assert memory_cgroup_of(7, proc_root=proc, cgroup_root=root) is None
 
 
 def test_this_machine_layout_is_understood() -> None:
     """The real /proc and /sys/fs/cgroup of the test process itself."""
-    import os
-
     found = memory_cgroup_of(
         os.getpid(), proc_root=Path("/proc"), cgroup_root=Path("/sys/fs/cgroup")
     )
     assert found is not None and found.path.is_dir()
+    assert read_memory_stats(found).usage_bytes > 0

@@ -22,6 +22,7 @@ import pytest
 from evictor import testbed
 from evictor.criu import check_criu
 from evictor.images import ImageStore
+from evictor.journal import Journal
 from evictor.lxc_runtime import LxcRuntime
 
 TEST_ROOT = Path(os.environ.get("EVICTOR_TEST_ROOT", "/var/tmp/evictor-tests"))
@@ -59,6 +60,13 @@ def runtime(test_lxc_path: Path) -> LxcRuntime:
 @pytest.fixture
 def store(tmp_path: Path) -> ImageStore:
     return ImageStore(tmp_path / "images")
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    opened = Journal(tmp_path / "journal.db")
+    yield opened
+    opened.close()
 
 
 WorkloadFactory = Callable[..., str]

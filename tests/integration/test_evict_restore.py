@@ -20,6 +20,7 @@ from evictor.errors import (
     NoImage,
 )
 from evictor.images import ImageStore
+from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import MANIFEST_NAME
 from evictor.model import ContainerState
@@ -44,7 +45,7 @@ def image_snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def test_evicted_memory_is_freed_and_restored_bit_exact(
-    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
     name = workload(memory_mib=256)
     before = testbed.wait_for_counter(runtime, name, above=2)
@@ -52,7 +53,7 @@ def test_evicted_memory_is_freed_and_restored_bit_exact(
     assert usage_bytes is not None and usage_bytes >= 256 * MIB
 
     meminfo_before = read_meminfo()
-    eviction = checkpoint.evict(runtime, store, name)
+    eviction = checkpoint.evict(runtime, store, journal, name)
     meminfo_after = read_meminfo()
 
     assert runtime.state(name) is ContainerState.STOPPED
@@ -63,9 +64,13 @@ def test_evicted_memory_is_freed_and_restored_bit_exact(
     assert eviction.manifest.dump_stats.pages_written >= 256 * MIB // 4096
     # Freed, not parked in the page cache: the kernel holds none of the image...
     assert resident_bytes(image_dir) < 4 * MIB
-    # ...and the host gained the container's memory as free memory.
-    assert meminfo_after["MemFree"] - meminfo_before["MemFree"] >= 0.8 * usage_bytes
-    assert meminfo_after["Cached"] - meminfo_before["Cached"] < 0.1 * usage_bytes
+    # ...and the host's own figures: the workload's anonymous memory is gone, the page
+    # cache did not take its place, and MemFree rose by most of it (MemFree moves by
+    # tens of MiB on its own on this shared machine, hence the looser bound).
+    delta = {k: meminfo_after[k] - meminfo_before[k] for k in ("AnonPages", "Cached", "MemFree")}
+    assert -delta["AnonPages"] >= 0.95 * 256 * MIB
+    assert delta["Cached"] < 0.05 * usage_bytes
+    assert delta["MemFree"] >= 0.7 * usage_bytes
     # Root-only, since the image is the container's memory.
     assert stat.S_IMODE(image_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
@@ -73,7 +78,7 @@ def test_evicted_memory_is_freed_and_restored_bit_exact(
     stopped = testbed.read_status(runtime, name)
     assert stopped is not None
 
-    restore.restore(runtime, store, name)
+    restore.restore(runtime, store, journal, name)
 
     assert runtime.state(name) is ContainerState.RUNNING
     assert not image_dir.exists()
@@ -86,39 +91,43 @@ def test_evicted_memory_is_freed_and_restored_bit_exact(
     verified = testbed.wait_for_counter(runtime, name, above=after.counter + 1)
     assert verified.passes > stopped.passes + 1
     assert verified.errors == 0
+    assert [e.kind for e in journal.events()] == [EventKind.EVICTED, EventKind.RESTORED]
 
 
 def test_evicting_a_stopped_container_fails_and_changes_nothing(
-    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
     name = workload(start=False)
     with pytest.raises(InvalidState, match="is STOPPED, only a RUNNING container"):
-        checkpoint.evict(runtime, store, name)
+        checkpoint.evict(runtime, store, journal, name)
     assert runtime.state(name) is ContainerState.STOPPED
     assert not store.path(name).exists()
+    assert journal.events() == []  # a refused eviction is not a failed checkpoint
 
 
-def test_evicting_an_unknown_container_fails(runtime: LxcRuntime, store: ImageStore) -> None:
+def test_evicting_an_unknown_container_fails(
+    runtime: LxcRuntime, store: ImageStore, journal: Journal
+) -> None:
     with pytest.raises(ContainerNotFound, match="no such container"):
-        checkpoint.evict(runtime, store, "evt-does-not-exist")
+        checkpoint.evict(runtime, store, journal, "evt-does-not-exist")
     assert not store.path("evt-does-not-exist").exists()
 
 
 def test_restoring_without_an_image_fails_and_changes_nothing(
-    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
     name = workload()
     with pytest.raises(NoImage, match="has no image"):
-        restore.restore(runtime, store, name)
+        restore.restore(runtime, store, journal, name)
     assert runtime.state(name) is ContainerState.RUNNING
 
 
 def test_a_corrupted_image_is_refused_kept_and_still_restores_once_repaired(
-    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
     name = workload(memory_mib=32)
     before = testbed.wait_for_counter(runtime, name, above=1)
-    checkpoint.evict(runtime, store, name)
+    checkpoint.evict(runtime, store, journal, name)
     image_dir = store.path(name)
     pages = max(image_dir.glob("pages-*.img"), key=lambda p: p.stat().st_size)
     offset = pages.stat().st_size // 2
@@ -130,27 +139,30 @@ def test_a_corrupted_image_is_refused_kept_and_still_restores_once_repaired(
     snapshot = image_snapshot(image_dir)
 
     with pytest.raises(CorruptImage, match=f"{pages.name} does not match its checksum"):
-        restore.restore(runtime, store, name)
+        restore.restore(runtime, store, journal, name)
 
     assert runtime.state(name) is ContainerState.STOPPED
     assert image_snapshot(image_dir) == snapshot  # kept untouched for inspection
+    assert journal.events()[-1].kind is EventKind.RESTORE_FAILED
     with open(pages, "r+b") as image_file:
         image_file.seek(offset)
         image_file.write(original)
-    restore.restore(runtime, store, name)
+    restore.restore(runtime, store, journal, name)
     assert testbed.wait_for_counter(runtime, name, above=1).incarnation == before.incarnation
 
 
 def test_a_container_criu_cannot_dump_stays_running(
-    runtime: LxcRuntime, store: ImageStore, workload: WorkloadFactory
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
     name = workload(with_tty=True)
     with pytest.raises(CheckpointFailed, match=r"CRIU dump failed: .*tty") as failure:
-        checkpoint.evict(runtime, store, name)
+        checkpoint.evict(runtime, store, journal, name)
     assert failure.value.phase == "dump"
     assert failure.value.container == name
     assert runtime.state(name) is ContainerState.RUNNING
     assert not store.path(name).exists()  # the partial image is gone
+    (event,) = journal.events()
+    assert event.kind is EventKind.EVICT_FAILED and "tty" in event.detail
     status = testbed.read_status(runtime, name)
     assert status is not None
     testbed.wait_for_counter(runtime, name, above=status.counter)  # still working

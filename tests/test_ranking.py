@@ -1,0 +1,367 @@
+"""The decision core: table-driven cases for each trigger, plus its invariants."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evictor.config import AntiThrash, Config, Priorities, Rule, Size, Triggers, parse_config
+from evictor.model import ContainerSample, ContainerState, HostSample, Pressure
+from evictor.ranking import (
+    Action,
+    History,
+    Label,
+    Plan,
+    Priority,
+    eligibility,
+    eviction_cooldown_seconds,
+    plan,
+    resolve_priority,
+)
+
+MIB = 1 << 20
+GIB = 1 << 30
+NOW = 1_000_000.0
+TOTAL = 16 * GIB
+# Defaults: low 10% (1.6 GiB), high 20% (3.2 GiB), critical 5%, min_reclaim 128 MiB.
+CONFIG = Config()
+
+
+def host(available_mib: int, psi: float = 0.0) -> HostSample:
+    return HostSample(
+        total_bytes=TOTAL,
+        available_bytes=available_mib * MIB,
+        free_bytes=available_mib * MIB,
+        cached_bytes=0,
+        swap_total_bytes=0,
+        swap_free_bytes=0,
+        pressure=Pressure(some_avg10=psi),
+    )
+
+
+def running(name: str, usage_mib: int, psi: float = 0.0) -> ContainerSample:
+    return ContainerSample(
+        name=name,
+        state=ContainerState.RUNNING,
+        usage_bytes=usage_mib * MIB,
+        pressure=Pressure(some_avg10=psi),
+    )
+
+
+def evicted(name: str, usage_mib: int) -> ContainerSample:
+    return ContainerSample(
+        name=name,
+        state=ContainerState.STOPPED,
+        evicted=True,
+        evicted_usage_bytes=usage_mib * MIB,
+        image_bytes=usage_mib * MIB,
+        evicted_at=NOW - 600,
+    )
+
+
+def prio(value: int, protected: bool = False) -> Priority:
+    return Priority(value=value, protected=protected, source="test")
+
+
+def run_plan(
+    available_mib: int,
+    containers: list[ContainerSample],
+    priorities: dict[str, Priority] | None = None,
+    histories: dict[str, History] | None = None,
+    config: Config = CONFIG,
+    last_pressure_at: float | None = None,
+    host_psi: float = 0.0,
+) -> Plan:
+    priorities = priorities or {}
+    return plan(
+        host=host(available_mib, host_psi),
+        containers=containers,
+        priorities={c.name: priorities.get(c.name, prio(0)) for c in containers},
+        histories=histories or {},
+        config=config,
+        now=NOW,
+        last_pressure_at=last_pressure_at,
+    )
+
+
+def evicted_names(result: Plan) -> list[str]:
+    return [d.container for d in result.evictions]
+
+
+# --- triggers ---------------------------------------------------------------
+
+
+def test_no_trigger_no_eviction() -> None:
+    result = run_plan(8000, [running("a", 500)])
+    assert not result.pressure and result.evictions == ()
+
+
+def test_low_watermark_reclaims_up_to_the_high_one() -> None:
+    # 1000 MiB available, high watermark 3276 MiB: reclaim 2276 MiB.
+    result = run_plan(1000, [running("a", 1500), running("b", 1000), running("c", 700)])
+    assert result.triggers[0].startswith("MemAvailable 1000 MiB is below the low watermark")
+    assert result.reclaim_target_bytes == int(TOTAL * 0.2) - 1000 * MIB
+    assert evicted_names(result) == ["a", "b"]  # same priority: largest first
+    assert result.reclaim_planned_bytes >= result.reclaim_target_bytes
+
+
+def test_between_the_watermarks_nothing_happens() -> None:
+    # 2000 MiB is above the low watermark (1638 MiB) but below the high one: hysteresis.
+    assert run_plan(2000, [running("a", 1500)]).evictions == ()
+
+
+def test_at_least_min_reclaim_is_reclaimed() -> None:
+    config = parse_config({"triggers": {"host_psi_some_avg10": 20.0}})
+    result = run_plan(
+        8000, [running("small", 50), running("big", 200)], config=config, host_psi=35.0
+    )
+    assert result.triggers == ("host memory PSI some avg10 35.0% is at or above 20%",)
+    assert result.reclaim_target_bytes == 128 * MIB
+    assert evicted_names(result) == ["big"]
+
+
+def test_host_psi_trigger_is_off_by_default() -> None:
+    assert not run_plan(8000, [running("a", 100)], host_psi=90.0).pressure
+
+
+def test_an_important_container_under_pressure_triggers_and_is_spared() -> None:
+    containers = [running("db", 2000, psi=25.0), running("batch", 300), running("web", 300)]
+    priorities = {"db": prio(100), "web": prio(50)}
+    result = run_plan(8000, containers, priorities)
+    assert "important container db" in result.triggers[0]
+    assert evicted_names(result) == ["batch"]
+
+
+def test_pressure_on_an_unimportant_container_is_not_a_trigger() -> None:
+    assert not run_plan(8000, [running("batch", 300, psi=80.0)]).pressure
+
+
+def test_budget_trigger_reclaims_below_the_budget() -> None:
+    config = parse_config({"triggers": {"budget": "1GiB"}})
+    result = run_plan(
+        8000,
+        [running("a", 600), running("b", 500), running("c", 100)],
+        {"a": prio(10)},
+        config=config,
+    )
+    assert result.triggers == ("containers use 1200 MiB, over the budget of 1024 MiB",)
+    # 1200 - 1024 + 128 = 304 MiB: b alone (priority 0) is enough.
+    assert result.reclaim_target_bytes == 304 * MIB
+    assert evicted_names(result) == ["b"]
+
+
+# --- ranking ----------------------------------------------------------------
+
+
+def test_priority_beats_size_and_protected_is_never_chosen() -> None:
+    containers = [running("vip", 4000), running("low", 100), running("mid", 2000)]
+    priorities = {"vip": prio(0, protected=True), "low": prio(1), "mid": prio(5)}
+    result = run_plan(500, containers, priorities)
+    assert evicted_names(result) == ["low", "mid"]
+    assert "target not reachable" in result.notes[0]
+
+
+def test_a_container_whose_checkpoint_failed_goes_last_within_its_priority() -> None:
+    histories = {"a": History(checkpoint_failure="tty: Found slave peer")}
+    result = run_plan(
+        1000, [running("a", 900), running("b", 100), running("c", 100)], histories=histories
+    )
+    assert evicted_names(result) == ["b", "c", "a"]
+    assert "its last checkpoint failed (tty: Found slave peer)" in result.evictions[-1].reason
+
+
+# --- anti-thrash ------------------------------------------------------------
+
+
+def test_a_recently_restored_container_is_spared_unless_critical() -> None:
+    histories = {"a": History(eviction_times=(NOW - 400,), last_restored_at=NOW - 100)}
+    spared = run_plan(1000, [running("a", 900), running("b", 100)], histories=histories)
+    assert evicted_names(spared) == ["b"]
+    assert any("a spared: restored recently" in note for note in spared.notes)
+    # Below the critical watermark (5% = 819 MiB) the cooldown no longer protects it.
+    critical = run_plan(500, [running("a", 900), running("b", 100)], histories=histories)
+    assert critical.critical and "a" in evicted_names(critical)
+
+
+def test_repeated_evictions_back_off() -> None:
+    policy = AntiThrash(
+        cooldown_seconds=60, backoff_factor=2, window_seconds=3600, max_cooldown_seconds=400
+    )
+    times = [History(eviction_times=tuple(NOW - 10 * i for i in range(n))) for n in range(1, 6)]
+    assert [eviction_cooldown_seconds(h, policy, NOW) for h in times] == [60, 120, 240, 400, 400]
+    old = History(eviction_times=(NOW - 7200, NOW - 7100, NOW - 10))
+    assert eviction_cooldown_seconds(old, policy, NOW) == 60  # only the last hour counts
+
+
+# --- restore ----------------------------------------------------------------
+
+
+def test_restore_highest_priority_first_one_at_a_time() -> None:
+    containers = [evicted("low", 100), evicted("high", 100), evicted("mid", 100)]
+    result = run_plan(8000, containers, {"high": prio(9), "mid": prio(5)})
+    assert [(d.container, d.action) for d in result.restores] == [("high", Action.RESTORE)]
+
+
+def test_restore_waits_for_pressure_to_stay_away() -> None:
+    result = run_plan(8000, [evicted("a", 100)], last_pressure_at=NOW - 10)
+    assert result.restores == ()
+    assert "gone for 30 s (10 s so far)" in result.notes[0]
+    assert run_plan(8000, [evicted("a", 100)], last_pressure_at=NOW - 31).restores != ()
+
+
+def test_restore_needs_room_above_the_high_watermark_and_margin() -> None:
+    # high 3276.8 MiB + margin 819.2 MiB: with 5000 MiB available, about 904 MiB of room.
+    assert run_plan(5000, [evicted("a", 1000)]).restores == ()
+    assert run_plan(5000, [evicted("a", 800)]).restores != ()
+
+
+def test_restore_respects_the_budget() -> None:
+    config = parse_config({"triggers": {"budget": "1GiB"}})
+    # 700 used + 300 would exceed 1024 - 128.
+    assert run_plan(8000, [running("r", 700), evicted("e", 300)], config=config).restores == ()
+    assert run_plan(8000, [running("r", 500), evicted("e", 300)], config=config).restores != ()
+
+
+def test_failed_restores_back_off() -> None:
+    history = History(restore_failures=3, last_restore_failure_at=NOW - 200)
+    result = run_plan(8000, [evicted("a", 100)], histories={"a": history})
+    assert result.restores == ()  # third failure: 60 * 2**2 = 240 s backoff
+    assert "retrying in 40 s" in result.notes[0]
+
+
+# --- priorities and eligibility ---------------------------------------------
+
+
+def test_label_beats_rule_beats_default() -> None:
+    priorities = Priorities(
+        default=5,
+        rules=(Rule(match="db-*", priority=100, protect=True), Rule(match="db-*", priority=1)),
+    )
+    assert resolve_priority("web", None, priorities) == Priority(
+        value=5, protected=False, source="default"
+    )
+    assert resolve_priority("db-1", None, priorities) == Priority(
+        value=100, protected=True, source="rule 'db-*'"
+    )
+    assert resolve_priority("db-1", Label(priority=7), priorities) == Priority(
+        value=7, protected=True, source="label"
+    )
+    assert resolve_priority("db-1", Label(protected=False), priorities).protected is False
+
+
+def test_eligibility_phrases() -> None:
+    sample = running("a", 100)
+    assert eligibility(sample, prio(0), History(), CONFIG, NOW) == "evictable"
+    assert eligibility(sample, prio(0, True), History(), CONFIG, NOW) == "protected"
+    failed = History(checkpoint_failure="tty")
+    assert eligibility(sample, prio(0), failed, CONFIG, NOW) == "last checkpoint failed: tty"
+    assert eligibility(evicted("a", 1), prio(0), History(), CONFIG, NOW) == "evicted"
+
+
+# --- invariants (Hypothesis) ------------------------------------------------
+
+names = st.sampled_from([f"c{i}" for i in range(12)])
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple:
+    chosen = draw(st.lists(names, unique=True, max_size=10))
+    containers, priorities, histories = [], {}, {}
+    for name in chosen:
+        if draw(st.booleans()):
+            containers.append(
+                running(
+                    name, draw(st.integers(0, 4000)), psi=draw(st.sampled_from([0.0, 0.0, 50.0]))
+                )
+            )
+        else:
+            containers.append(evicted(name, draw(st.integers(0, 4000))))
+        priorities[name] = prio(draw(st.integers(0, 3)), protected=draw(st.booleans()))
+        if draw(st.booleans()):
+            histories[name] = History(
+                eviction_times=(NOW - draw(st.integers(0, 5000)),),
+                last_restored_at=NOW - draw(st.integers(0, 1000)),
+                checkpoint_failure=draw(st.sampled_from([None, "failed"])),
+            )
+    available = draw(st.integers(0, 16 * 1024))
+    budget = draw(st.sampled_from([None, "2GiB", "8GiB"]))
+    config = parse_config({"triggers": {"budget": budget or "off", "important_priority": 3}})
+    last_pressure = draw(st.sampled_from([None, NOW - 5, NOW - 500]))
+    return containers, priorities, histories, available, config, last_pressure
+
+
+def plan_of(scenario: tuple, order: list | None = None) -> Plan:
+    containers, priorities, histories, available, config, last_pressure = scenario
+    return plan(
+        host=host(available),
+        containers=order or containers,
+        priorities=priorities,
+        histories=histories,
+        config=config,
+        now=NOW,
+        last_pressure_at=last_pressure,
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenarios())
+def test_plan_invariants(scenario: tuple) -> None:
+    containers, priorities, histories, _, config, _ = scenario
+    result = plan_of(scenario)
+    by_name = {c.name: c for c in containers}
+    evicted_set = set(evicted_names(result))
+    restored = {d.container for d in result.restores}
+    # A protected container is never chosen; only running ones are evicted.
+    assert not any(priorities[n].protected for n in evicted_set)
+    assert all(by_name[n].state is ContainerState.RUNNING for n in evicted_set)
+    # No pressure, no eviction; nothing both evicted and restored; one restore at a time.
+    if not result.pressure:
+        assert result.evictions == ()
+    assert not evicted_set & restored
+    assert len(result.restores) <= 1
+    # A lower-priority candidate always goes before a higher-priority one.
+    values = [d.priority for d in result.evictions]
+    assert values == sorted(values)
+    if result.pressure:
+        critical = result.critical
+        left_out = [
+            c
+            for c in containers
+            if c.state is ContainerState.RUNNING
+            and c.name not in evicted_set
+            and not priorities[c.name].protected
+            and not (priorities[c.name].value >= 3 and c.pressure.some_avg10 >= 10)  # in need
+            and (
+                critical
+                or c.name not in histories
+                or NOW - histories[c.name].last_restored_at
+                >= eviction_cooldown_seconds(histories[c.name], config.antithrash, NOW)
+            )
+        ]
+        reached = result.reclaim_planned_bytes >= result.reclaim_target_bytes
+        # When the target is reachable the plan reaches it, and nothing is left unused
+        # when it is not...
+        assert reached or not left_out
+        # ...and every candidate left out ranks at least as high as every one chosen.
+        if values:
+            assert all(priorities[c.name].value >= values[-1] for c in left_out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios(), st.randoms(use_true_random=False))
+def test_plan_does_not_depend_on_input_order(scenario: tuple, random: object) -> None:
+    shuffled = list(scenario[0])
+    random.shuffle(shuffled)  # type: ignore[attr-defined]
+    assert plan_of(scenario, shuffled) == plan_of(scenario)
+
+
+def test_config_defaults_used_by_these_tests() -> None:
+    t = Triggers()
+    assert (t.low_watermark, t.high_watermark, t.critical_watermark) == (
+        Size(percent=10.0),
+        Size(percent=20.0),
+        Size(percent=5.0),
+    )
+    assert dataclasses.replace(CONFIG).restore.stable_seconds == 30
