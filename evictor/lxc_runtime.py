@@ -62,8 +62,13 @@ class LxcRuntime:
         return ContainerState(self._container(name).state)
 
     def init_pid(self, name: str) -> int | None:
-        pid = int(self._container(name).init_pid)
-        return pid if pid > 0 else None
+        return self.state_and_pid(name)[1]
+
+    def state_and_pid(self, name: str) -> tuple[ContainerState, int | None]:
+        """State and init pid from one liblxc handle (the monitor's hot path)."""
+        container = self._container(name)
+        pid = int(container.init_pid)
+        return ContainerState(container.state), pid if pid > 0 else None
 
     def memory_cgroup(self, name: str) -> cgroups.MemoryCgroup | None:
         pid = self.init_pid(name)

@@ -66,21 +66,38 @@ class Monitor:
         self.runtime = runtime
         self.store = store
         self.proc_root = proc_root
+        # A container's cgroup is fixed while its init lives: found once per init pid.
+        self._cgroups: dict[tuple[str, int], cgroups.MemoryCgroup | None] = {}
 
     def sample(self) -> Sample:
         images = {image.container: image for image in self.store.images()}
         containers = []
+        seen: dict[tuple[str, int], cgroups.MemoryCgroup | None] = {}
         for name in self.runtime.names():
             try:
-                containers.append(self.sample_container(name, images.get(name)))
+                containers.append(self._sample_container(name, images.get(name), seen))
             except ContainerNotFound:
                 continue  # deleted between the listing and the sample
+        self._cgroups = seen
         return Sample(host=sample_host(self.proc_root), containers=tuple(containers))
 
-    def sample_container(self, name: str, image: StoredImage | None) -> ContainerSample:
-        state = self.runtime.state(name)
-        if state in (ContainerState.RUNNING, ContainerState.FROZEN):
-            cgroup = self.runtime.memory_cgroup(name)
+    def _memory_cgroup(self, name: str, pid: int) -> cgroups.MemoryCgroup | None:
+        key = (name, pid)
+        if key not in self._cgroups:
+            self._cgroups[key] = cgroups.memory_cgroup_of(
+                pid, proc_root=self.proc_root, cgroup_root=self.runtime.cgroup_root
+            )
+        return self._cgroups[key]
+
+    def _sample_container(
+        self,
+        name: str,
+        image: StoredImage | None,
+        seen: dict[tuple[str, int], cgroups.MemoryCgroup | None],
+    ) -> ContainerSample:
+        state, pid = self.runtime.state_and_pid(name)
+        if state in (ContainerState.RUNNING, ContainerState.FROZEN) and pid is not None:
+            cgroup = seen[(name, pid)] = self._memory_cgroup(name, pid)
             if cgroup is not None:
                 try:
                     stats = cgroups.read_memory_stats(cgroup)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import heapq
 from collections.abc import Iterable, Mapping
 
 from evictor.config import AntiThrash, Config, Priorities, RestorePolicy
@@ -173,21 +174,22 @@ def _triggers(
             f" above {t.host_psi_some_avg10:g}%"
         )
         need = max(need, watermark_need)
-    in_need = set()
+    in_need: dict[str, float] = {}
     if t.important_psi_some_avg10 is not None:
+        threshold = t.important_psi_some_avg10
         for sample in running:
             stall = sample.pressure.some_avg10 if sample.pressure is not None else 0.0
-            if (
-                priorities[sample.name].value >= t.important_priority
-                and stall >= t.important_psi_some_avg10
-            ):
-                in_need.add(sample.name)
-                triggers.append(
-                    f"important container {sample.name} (priority"
-                    f" {priorities[sample.name].value}) stalls on memory: PSI some"
-                    f" avg10 {stall:.1f}% >= {t.important_psi_some_avg10:g}%"
-                )
-                need = max(need, watermark_need)
+            if stall >= threshold and priorities[sample.name].value >= t.important_priority:
+                in_need[sample.name] = stall
+    if in_need:
+        worst = sorted(in_need, key=lambda n: (-in_need[n], n))
+        listed = ", ".join(f"{n} ({in_need[n]:.1f}%)" for n in worst[:3])
+        more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
+        triggers.append(
+            f"important containers stall on memory (PSI some avg10 >="
+            f" {threshold:g}%): {listed}{more}"
+        )
+        need = max(need, watermark_need)
     if t.budget is not None:
         budget = t.budget.resolve(total)
         used = sum(s.usage_bytes for s in running)
@@ -196,7 +198,7 @@ def _triggers(
                 f"containers use {used // _MIB} MiB, over the budget of {budget // _MIB} MiB"
             )
             need = max(need, used - budget + min_reclaim)
-    return triggers, need, in_need
+    return triggers, need, set(in_need)
 
 
 def plan(
@@ -214,7 +216,7 @@ def plan(
     ``priorities`` must hold every container; ``histories`` may lack some (no
     history). ``last_pressure_at`` is when a trigger last fired, None if never.
     """
-    samples = sorted(containers, key=lambda s: s.name)
+    samples = list(containers)
     running = [s for s in samples if s.state is ContainerState.RUNNING]
     triggers, need, in_need = _triggers(host, running, priorities, config)
     critical = host.available_bytes < config.triggers.critical_watermark.resolve(host.total_bytes)
@@ -256,44 +258,51 @@ def _choose_evictions(
     notes: list[str],
 ) -> tuple[Decision, ...]:
     empty = History()
-    candidates = []
+    # (priority, last checkpoint failed, -usage, name): names are unique, so the
+    # tuples alone order the candidates. A heap pops the few needed without
+    # sorting them all (hosts with thousands of containers evict a handful).
+    ranked: list[tuple[int, bool, int, str]] = []
+    spared = []
     for sample in running:
         priority = priorities[sample.name]
-        history = histories.get(sample.name, empty)
         if priority.protected or sample.name in in_need:
             continue
-        left = _cooling_down(history, config.antithrash, now)
-        if left is not None and not critical:
-            notes.append(
-                f"{sample.name} spared: restored recently, cooling down for {left:.0f} s more"
-            )
+        history = histories.get(sample.name, empty)
+        if (
+            not critical
+            and history.last_restored_at is not None
+            and _cooling_down(history, config.antithrash, now) is not None
+        ):
+            spared.append(sample.name)
             continue
-        candidates.append(
+        ranked.append(
             (
                 priority.value,
                 history.checkpoint_failure is not None,
                 -sample.usage_bytes,
                 sample.name,
-                sample,
-                history,
             )
         )
-    candidates.sort(key=lambda c: c[:4])
+    if spared:
+        spared.sort()
+        listed = ", ".join(spared[:5]) + (f" and {len(spared) - 5} more" if len(spared) > 5 else "")
+        notes.append(f"spared, restored too recently (anti-thrash cooldown): {listed}")
+    heapq.heapify(ranked)
     chosen: list[Decision] = []
     reclaimed = 0
-    for value, _, _, name, sample, history in candidates:
-        if reclaimed >= need:
-            break
-        reclaimed += sample.usage_bytes
-        why = f"lowest-ranked (priority {value}, {sample.usage_bytes // _MIB} MiB)"
-        if history.checkpoint_failure is not None:
-            why += f"; its last checkpoint failed ({history.checkpoint_failure})"
+    while ranked and reclaimed < need:
+        value, failed, negative_usage, name = heapq.heappop(ranked)
+        usage = -negative_usage
+        reclaimed += usage
+        why = f"lowest-ranked (priority {value}, {usage // _MIB} MiB)"
+        if failed:
+            why += f"; its last checkpoint failed ({histories[name].checkpoint_failure})"
         chosen.append(
             Decision(
                 container=name,
                 action=Action.EVICT,
                 priority=value,
-                size_bytes=sample.usage_bytes,
+                size_bytes=usage,
                 reason=f"{why}; reclaiming {need // _MIB} MiB",
             )
         )

@@ -1,0 +1,46 @@
+"""Real workload containers for benchmarks, in their own LXC path, always cleaned up."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from evictor import testbed
+from evictor.lxc_runtime import LxcRuntime
+
+BENCH_ROOT = Path("/var/tmp/evictor-bench")
+
+
+@contextlib.contextmanager
+def fleet(count: int, *, memory_mib: int = 1, prefix: str = "evb") -> Iterator[LxcRuntime]:
+    """Start ``count`` workload containers; destroy them (and leftovers) afterwards."""
+    runtime = LxcRuntime(BENCH_ROOT / "lxc")
+    for name in runtime.names():
+        runtime.destroy(name)
+    shutil.rmtree(BENCH_ROOT, ignore_errors=True)
+    runtime.lxc_path.mkdir(parents=True, mode=0o700)
+    names = [f"{prefix}-{i:03d}" for i in range(count)]
+    try:
+        for name in names:
+            testbed.create_workload_container(runtime, name, memory_mib=memory_mib)
+            runtime.start(name)
+        for name in names:
+            testbed.wait_for_counter(runtime, name, above=0)
+        yield runtime
+    finally:
+        for name in runtime.names():
+            runtime.destroy(name)
+        shutil.rmtree(BENCH_ROOT, ignore_errors=True)
+
+
+def median_seconds(action: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
