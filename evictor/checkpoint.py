@@ -22,7 +22,7 @@ from evictor.errors import (
     PreflightError,
 )
 from evictor.images import ImageState, ImageStore
-from evictor.journal import Event, EventKind, Journal
+from evictor.journal import Event, EventKind, Journal, Managed
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
 from evictor.model import ContainerState, validate_container_name
@@ -77,6 +77,7 @@ def evict(
     name: str,
     *,
     reason: str = "operator request",
+    drained: bool = False,
 ) -> Eviction:
     """Checkpoint ``name`` to the image store and stop it; raise EvictorError on failure.
 
@@ -87,6 +88,7 @@ def evict(
     started = time.monotonic()
     with store.lock(name):
         usage_bytes = preflight(runtime, store, name)
+        journal.set_state(name, Managed.EVICTING, at=time.time(), reason=reason)
         phase = "dump"
         try:
             image_dir = store.begin(name)
@@ -114,7 +116,7 @@ def evict(
             store.commit(manifest)
         except BaseException as error:
             failure = _as_failure(error, name, phase)
-            _roll_back(runtime, store, name, failure or error)
+            _roll_back(runtime, store, journal, name, failure or error)
             if failure is None:
                 raise
             journal.record(
@@ -128,6 +130,9 @@ def evict(
             if failure is error:
                 raise
             raise failure from error
+        journal.set_state(
+            name, Managed.EVICTED, at=manifest.evicted_at, reason=reason, drained=drained
+        )
     eviction = Eviction(manifest=manifest, duration_seconds=time.monotonic() - started)
     journal.record(
         Event(
@@ -174,7 +179,9 @@ def _dump_stats(image_dir: Path) -> criu.DumpStats:
         return criu.DumpStats()
 
 
-def _roll_back(runtime: LxcRuntime, store: ImageStore, name: str, error: BaseException) -> None:
+def _roll_back(
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str, error: BaseException
+) -> None:
     """Leave the container RUNNING after a failed eviction, and say so in the log.
 
     A failed dump leaves it running (CRIU thaws it) or frozen; a failure after
@@ -195,6 +202,12 @@ def _roll_back(runtime: LxcRuntime, store: ImageStore, name: str, error: BaseExc
             # The uncommitted image is the container's only state: set it aside
             # where no later dump will remove it.
             kept = store.quarantine(name)
+            journal.set_state(
+                name,
+                Managed.FAILED,
+                at=time.time(),
+                reason=f"eviction failed and could not be undone; image kept at {kept}",
+            )
             log.error(
                 "%s: could not restore after a failed eviction; its image is kept at %s", name, kept
             )
@@ -202,3 +215,4 @@ def _roll_back(runtime: LxcRuntime, store: ImageStore, name: str, error: BaseExc
         state = runtime.state(name)
     if state is ContainerState.RUNNING:
         store.discard_partial(name)
+        journal.set_state(name, Managed.RUNNING, at=time.time(), reason=f"eviction failed: {error}")

@@ -19,11 +19,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from evictor import checkpoint, restore
-from evictor.config import DEFAULT_CONFIG_PATH, ConfigError, describe, load_config
+from evictor.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    describe,
+    load_config,
+    parse_size_bytes,
+)
 from evictor.engine import Engine
 from evictor.errors import EvictorError, RuntimeFailure, UsageError
-from evictor.model import ContainerSample, HostSample, validate_container_name
-from evictor.ranking import History, Label, Plan, eligibility
+from evictor.model import ContainerSample, ContainerState, HostSample, validate_container_name
+from evictor.ranking import History, Label, Plan, eligibility, plan_make_room
 from evictor.units import format_age, format_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -44,6 +50,13 @@ def _priority_value(raw: str) -> int:
     if not -(10**9) <= value <= 10**9:
         raise argparse.ArgumentTypeError(f"priority must be within +-1e9, got {raw}")
     return value
+
+
+def _size_argument(raw: str) -> int:
+    try:
+        return parse_size_bytes(raw)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("size: ")) from None
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -109,6 +122,26 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     protection.add_argument("--unprotect", dest="protected", action="store_false")
     label.add_argument("--clear", action="store_true", help="remove the label")
+    command("run", _cmd_run, "run the daemon: evict under pressure, restore when it drops")
+    make_room = command(
+        "make-room",
+        _cmd_make_room,
+        "evict lower-priority containers until NAME's memory fits",
+        names="1",
+    )
+    make_room.add_argument(
+        "--bytes",
+        type=_size_argument,
+        default=None,
+        metavar="SIZE",
+        help="memory NAME will need, e.g. 2GiB (default: its memory limit)",
+    )
+    drain = command(
+        "drain", _cmd_drain, "checkpoint every evictable container, e.g. before a host reboot"
+    )
+    drain.add_argument("--all", action="store_true", help="protected containers too")
+    resume = command("resume", _cmd_resume, "restore drained containers now (default: all of them)")
+    resume.add_argument("names", nargs="*", metavar="NAME")
     check = command("check-config", _cmd_check_config, "validate a config file")
     check.add_argument("path", nargs="?", type=Path, metavar="PATH")
     demo = command("demo", _cmd_demo, "evict and restore a built-in demo container")
@@ -252,7 +285,7 @@ def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
         _print_json(
             {
                 "host": sample.host,
-                "pressure": plan.triggers,
+                "pressure": [t.message for t in plan.triggers],
                 "critical": plan.critical,
                 "containers": [
                     {
@@ -340,6 +373,110 @@ def _cmd_label(args: argparse.Namespace, engine: Engine) -> int:
     return EXIT_OK
 
 
+def _cmd_run(args: argparse.Namespace, engine: Engine) -> int:
+    from evictor.daemon import Daemon  # APScheduler and the HTTP server: only for the daemon
+    from evictor.metrics import Metrics
+
+    return Daemon(engine, Metrics()).run()
+
+
+def _cmd_make_room(args: argparse.Namespace, engine: Engine) -> int:
+    name = validate_container_name(args.name)
+    expected = args.bytes
+    if expected is None:
+        expected = engine.runtime.memory_limit_bytes(name)
+        if expected is None:
+            raise UsageError(f"{name}: has no memory limit in its LXC config; pass --bytes SIZE")
+    sample = engine.monitor.sample()
+    now = time.time()
+    names = {c.name for c in sample.containers} | {name}
+    plan = plan_make_room(
+        host=sample.host,
+        containers=sample.containers,
+        priorities=engine.priorities(names),
+        histories=engine.histories(now),
+        config=engine.config,
+        now=now,
+        target=name,
+        expected_bytes=expected,
+    )
+    print(f"{plan.triggers[0]}; reclaiming {format_bytes(plan.reclaim_target_bytes)}")
+    evicted = 0
+    for decision in plan.evictions:
+        try:
+            checkpoint.evict(
+                engine.runtime,
+                engine.store,
+                engine.journal,
+                decision.container,
+                reason=f"make room for {name}",
+            )
+        except EvictorError as error:
+            _report(error)
+            continue
+        evicted += decision.size_bytes
+        print(f"evicted {decision.container}: {decision.reason}")
+    for note in plan.notes:
+        print(f"note: {note}")
+    return EXIT_OK if evicted >= plan.reclaim_target_bytes else EXIT_FAILED
+
+
+def _cmd_drain(args: argparse.Namespace, engine: Engine) -> int:
+    sample = engine.monitor.sample()
+    priorities = engine.priorities(c.name for c in sample.containers)
+    running = sorted(
+        (
+            c
+            for c in sample.containers
+            if c.state is ContainerState.RUNNING and (args.all or not priorities[c.name].protected)
+        ),
+        key=lambda c: (priorities[c.name].value, c.name),
+    )
+    skipped = [
+        c.name for c in sample.containers if c.state is ContainerState.RUNNING and c not in running
+    ]
+    failed = 0
+    for container in running:
+        try:
+            done = checkpoint.evict(
+                engine.runtime,
+                engine.store,
+                engine.journal,
+                container.name,
+                reason="drain",
+                drained=True,
+            )
+        except EvictorError as error:
+            failed += 1
+            _report(error)
+            continue
+        print(
+            f"drained {container.name}: image {format_bytes(done.manifest.image_bytes)},"
+            f" {done.duration_seconds:.2f} s"
+        )
+    if skipped:
+        print(f"left running (protected; --all drains them too): {', '.join(skipped)}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _cmd_resume(args: argparse.Namespace, engine: Engine) -> int:
+    for name in args.names:
+        validate_container_name(name)
+    managed = engine.journal.managed()
+    names = args.names or [n for n, m in managed.items() if m.drained]
+    priorities = engine.priorities(names)
+    ordered = sorted(names, key=lambda n: (-priorities[n].value, n))
+
+    def resume_one(name: str) -> str:
+        done = restore.restore(engine.runtime, engine.store, engine.journal, name)
+        return f"resumed {name}: {done.duration_seconds:.2f} s"
+
+    if not ordered:
+        print("nothing to resume: no drained containers")
+        return EXIT_OK
+    return _for_each(ordered, resume_one)
+
+
 def _cmd_check_config(args: argparse.Namespace, engine: Engine) -> int:
     print(f"{args.path or args.config or DEFAULT_CONFIG_PATH}: OK")
     print(describe(engine.config))
@@ -367,8 +504,13 @@ def _engine(args: argparse.Namespace) -> Engine:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    quiet = (
+        logging.INFO
+        if args.command in ("run", "drain", "resume", "make-room")
+        else (logging.WARNING)
+    )
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if args.verbose else quiet,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -164,6 +164,13 @@ def _size(key: str, raw: object, *, percent_allowed: bool = True) -> Size:
     return Size(bytes=size_bytes)
 
 
+def parse_size_bytes(text: str) -> int:
+    """A size given on the command line ("512MiB", "2GB", "1073741824"), in bytes."""
+    size = _size("size", int(text) if text.isdigit() else text, percent_allowed=False)
+    assert size.bytes is not None
+    return size.bytes
+
+
 def _optional(convert: Callable[[str, object], T]) -> Callable[[str, object], T | None]:
     def optional(key: str, raw: object) -> T | None:
         return None if raw == "off" else convert(key, raw)

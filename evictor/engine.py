@@ -51,7 +51,13 @@ class Engine:
         )
         return self.journal.histories(since=now - horizon)
 
-    def plan(self, sample: Sample, now: float, last_pressure_at: float | None) -> Plan:
+    def plan(
+        self,
+        sample: Sample,
+        now: float,
+        last_pressure_at: float | None,
+        held: frozenset[str] = frozenset(),
+    ) -> Plan:
         return plan(
             host=sample.host,
             containers=sample.containers,
@@ -60,6 +66,7 @@ class Engine:
             config=self.config,
             now=now,
             last_pressure_at=last_pressure_at,
+            held=held,
         )
 
     def _has_journal(self) -> bool:

@@ -32,7 +32,37 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
+CREATE TABLE IF NOT EXISTS containers (
+    container TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL,
+    drained INTEGER NOT NULL DEFAULT 0
+);
 """
+
+
+class Managed(enum.Enum):
+    """Where evictor stands with a container; EVICTING and RESTORING are in-flight.
+
+    A crash leaves a container in an in-flight state, which the daemon
+    reconciles with reality at its next start.
+    """
+
+    RUNNING = "RUNNING"
+    EVICTING = "EVICTING"
+    EVICTED = "EVICTED"
+    RESTORING = "RESTORING"
+    FAILED = "FAILED"  # its restore failed; the image is kept and retried with backoff
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ManagedContainer:
+    container: str
+    state: Managed
+    reason: str
+    updated_at: float
+    drained: bool  # evicted by `evictor drain`: held until the daemon restarts or `resume`
 
 
 class EventKind(enum.Enum):
@@ -107,6 +137,49 @@ class Journal:
     def clear_label(self, container: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM labels WHERE container = ?", (container,))
+
+    # --- managed states ---
+
+    def set_state(
+        self,
+        container: str,
+        state: Managed,
+        *,
+        at: float,
+        reason: str = "",
+        drained: bool | None = None,
+    ) -> None:
+        """Record ``container``'s state; ``drained`` None keeps the current flag."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO containers (container, state, reason, updated_at, drained)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (container) DO UPDATE SET"
+                " state = excluded.state, reason = excluded.reason,"
+                " updated_at = excluded.updated_at,"
+                " drained = CASE WHEN ? IS NULL THEN containers.drained ELSE excluded.drained END",
+                (container, state.value, reason, at, int(bool(drained)), drained),
+            )
+
+    def set_drained(self, container: str, drained: bool) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE containers SET drained = ? WHERE container = ?", (int(drained), container)
+            )
+
+    def managed(self) -> dict[str, ManagedContainer]:
+        rows = self._db.execute(
+            "SELECT container, state, reason, updated_at, drained FROM containers"
+        )
+        return {
+            name: ManagedContainer(
+                container=name,
+                state=Managed(state),
+                reason=reason,
+                updated_at=updated_at,
+                drained=bool(drained),
+            )
+            for name, state, reason, updated_at, drained in rows
+        }
 
     # --- events and history ---
 

@@ -86,6 +86,19 @@ class LxcRuntime:
         except FileNotFoundError:
             return None
 
+    def memory_limit_bytes(self, name: str) -> int | None:
+        """The memory limit in the container's config (cgroup v1 or v2 key), if any."""
+        container = self._container(name)
+        for key in ("lxc.cgroup2.memory.max", "lxc.cgroup.memory.limit_in_bytes"):
+            try:
+                value = container.get_config_item(key)
+            except KeyError:
+                continue
+            text = value[0] if isinstance(value, list) and value else value
+            if isinstance(text, str) and text.strip().isdigit():
+                return int(text.strip())
+        return None
+
     def thaw(self, name: str) -> None:
         if not self._container(name).unfreeze():
             raise EvictorError(f"{name}: could not thaw the frozen container", container=name)
@@ -132,6 +145,28 @@ class LxcRuntime:
                 phase="restore",
                 log_lines=lines,
             )
+
+    def tools_using(self, image_dir: Path) -> list[int]:
+        """Pids of lxc-checkpoint or criu processes working on ``image_dir``.
+
+        Both run in their own session, so a daemon killed mid-dump leaves them
+        running; they name the image directory as an argument of their own.
+        """
+        wanted = str(image_dir).encode()
+        pids = []
+        for entry in self.proc_root.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue  # exited meanwhile
+            if wanted in argv and Path(argv[0].decode(errors="replace")).name in (
+                "lxc-checkpoint",
+                "criu",
+            ):
+                pids.append(int(entry.name))
+        return pids
 
     def start(self, name: str) -> None:
         self._checked(["lxc-start", "-P", str(self.lxc_path), "-n", name], name)

@@ -68,9 +68,18 @@ class Decision:
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Trigger:
+    kind: str  # low_watermark, host_psi, important_psi, budget or make_room
+    message: str  # for people: what fired, with the figures
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
-    triggers: tuple[str, ...]  # each firing trigger, explained; empty: no pressure
+    triggers: tuple[Trigger, ...]  # each firing trigger; empty: no pressure
     critical: bool  # MemAvailable below the critical watermark
     reclaim_target_bytes: int
     evictions: tuple[Decision, ...]
@@ -148,20 +157,23 @@ def _triggers(
     running: Iterable[ContainerSample],
     priorities: Mapping[str, Priority],
     config: Config,
-) -> tuple[list[str], int, set[str]]:
+) -> tuple[list[Trigger], int, set[str]]:
     """The firing triggers, the bytes to reclaim, and the important containers in need."""
     t = config.triggers
     total = host.total_bytes
     high = t.high_watermark.resolve(total)
     min_reclaim = t.min_reclaim.resolve(total)
     watermark_need = max(high - host.available_bytes, min_reclaim)
-    triggers: list[str] = []
+    triggers: list[Trigger] = []
     need = 0
     low = t.low_watermark.resolve(total)
     if host.available_bytes < low:
         triggers.append(
-            f"MemAvailable {host.available_bytes // _MIB} MiB is below the low"
-            f" watermark {low // _MIB} MiB"
+            Trigger(
+                "low_watermark",
+                f"MemAvailable {host.available_bytes // _MIB} MiB is below the low"
+                f" watermark {low // _MIB} MiB",
+            )
         )
         need = max(need, watermark_need)
     if (
@@ -170,8 +182,11 @@ def _triggers(
         and host.pressure.some_avg10 >= t.host_psi_some_avg10
     ):
         triggers.append(
-            f"host memory PSI some avg10 {host.pressure.some_avg10:.1f}% is at or"
-            f" above {t.host_psi_some_avg10:g}%"
+            Trigger(
+                "host_psi",
+                f"host memory PSI some avg10 {host.pressure.some_avg10:.1f}% is at or"
+                f" above {t.host_psi_some_avg10:g}%",
+            )
         )
         need = max(need, watermark_need)
     in_need: dict[str, float] = {}
@@ -186,8 +201,11 @@ def _triggers(
         listed = ", ".join(f"{n} ({in_need[n]:.1f}%)" for n in worst[:3])
         more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
         triggers.append(
-            f"important containers stall on memory (PSI some avg10 >="
-            f" {threshold:g}%): {listed}{more}"
+            Trigger(
+                "important_psi",
+                f"important containers stall on memory (PSI some avg10 >="
+                f" {threshold:g}%): {listed}{more}",
+            )
         )
         need = max(need, watermark_need)
     if t.budget is not None:
@@ -195,7 +213,10 @@ def _triggers(
         used = sum(s.usage_bytes for s in running)
         if used > budget:
             triggers.append(
-                f"containers use {used // _MIB} MiB, over the budget of {budget // _MIB} MiB"
+                Trigger(
+                    "budget",
+                    f"containers use {used // _MIB} MiB, over the budget of {budget // _MIB} MiB",
+                )
             )
             need = max(need, used - budget + min_reclaim)
     return triggers, need, set(in_need)
@@ -210,11 +231,13 @@ def plan(
     config: Config,
     now: float,
     last_pressure_at: float | None,
+    held: frozenset[str] = frozenset(),
 ) -> Plan:
     """Decide what to evict or restore now.
 
     ``priorities`` must hold every container; ``histories`` may lack some (no
     history). ``last_pressure_at`` is when a trigger last fired, None if never.
+    ``held`` containers stay evicted whatever the room (drained for a reboot).
     """
     samples = list(containers)
     running = [s for s in samples if s.state is ContainerState.RUNNING]
@@ -234,7 +257,15 @@ def plan(
             notes=tuple(notes),
         )
     restores = _choose_restore(
-        host, samples, running, priorities, histories, config, now, last_pressure_at, notes
+        host,
+        [s for s in samples if s.name not in held],
+        running,
+        priorities,
+        histories,
+        config,
+        now,
+        last_pressure_at,
+        notes,
     )
     return Plan(
         triggers=(),
@@ -254,7 +285,7 @@ def _choose_evictions(
     now: float,
     need: int,
     critical: bool,
-    in_need: set[str],
+    excluded: set[str],
     notes: list[str],
 ) -> tuple[Decision, ...]:
     empty = History()
@@ -265,7 +296,7 @@ def _choose_evictions(
     spared = []
     for sample in running:
         priority = priorities[sample.name]
-        if priority.protected or sample.name in in_need:
+        if priority.protected or sample.name in excluded:
             continue
         history = histories.get(sample.name, empty)
         if (
@@ -312,6 +343,60 @@ def _choose_evictions(
             f" {reclaimed // _MIB} of {need // _MIB} MiB"
         )
     return tuple(chosen)
+
+
+def plan_make_room(
+    *,
+    host: HostSample,
+    containers: Iterable[ContainerSample],
+    priorities: Mapping[str, Priority],
+    histories: Mapping[str, History],
+    config: Config,
+    now: float,
+    target: str,
+    expected_bytes: int,
+) -> Plan:
+    """Evict containers ranked below ``target`` until ``expected_bytes`` more fits.
+
+    It fits when MemAvailable stays above the high watermark (and the budget,
+    if any, holds) with the target's memory taken. An operator asked for it,
+    so anti-thrash cooldowns do not apply; protected containers and those of
+    the target's priority or above are never evicted.
+    """
+    running = [s for s in containers if s.state is ContainerState.RUNNING]
+    t = config.triggers
+    total = host.total_bytes
+    need = expected_bytes - (host.available_bytes - t.high_watermark.resolve(total))
+    if t.budget is not None:
+        used = sum(s.usage_bytes for s in running if s.name != target)
+        need = max(need, used + expected_bytes - t.budget.resolve(total))
+    floor = priorities[target].value if target in priorities else config.priorities.default
+    excluded = {s.name for s in running if s.name == target or priorities[s.name].value >= floor}
+    notes: list[str] = []
+    trigger = Trigger(
+        "make_room",
+        f"make room for {target} (priority {floor}): {expected_bytes // _MIB} MiB expected",
+    )
+    if need <= 0:
+        return Plan(
+            triggers=(trigger,),
+            critical=False,
+            reclaim_target_bytes=0,
+            evictions=(),
+            restores=(),
+            notes=("it fits already",),
+        )
+    evictions = _choose_evictions(
+        running, priorities, histories, config, now, need, True, excluded, notes
+    )
+    return Plan(
+        triggers=(trigger,),
+        critical=False,
+        reclaim_target_bytes=need,
+        evictions=evictions,
+        restores=(),
+        notes=tuple(notes),
+    )
 
 
 def _choose_restore(

@@ -12,7 +12,7 @@ import time
 
 from evictor.errors import CorruptImage, InvalidState, RestoreFailed
 from evictor.images import ImageStore
-from evictor.journal import Event, EventKind, Journal
+from evictor.journal import Event, EventKind, Journal, Managed
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
 from evictor.model import ContainerState, validate_container_name
@@ -46,6 +46,7 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
                 " so its image is stale and was not restored",
                 container=name,
             )
+        journal.set_state(name, Managed.RESTORING, at=time.time())
         try:
             store.verify(name)
             runtime.restore(name, store.path(name))
@@ -57,16 +58,15 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
                     phase="wait",
                 )
         except (RestoreFailed, CorruptImage) as error:
+            detail = str(error).removeprefix(f"{name}: ")
+            failed_at = time.time()
             journal.record(
-                Event(
-                    container=name,
-                    at=time.time(),
-                    kind=EventKind.RESTORE_FAILED,
-                    detail=str(error).removeprefix(f"{name}: "),
-                )
+                Event(container=name, at=failed_at, kind=EventKind.RESTORE_FAILED, detail=detail)
             )
+            journal.set_state(name, Managed.FAILED, at=failed_at, reason=detail)
             raise
         store.discard(name)
+        journal.set_state(name, Managed.RUNNING, at=time.time(), reason="restored", drained=False)
     restoration = Restoration(
         manifest=manifest,
         duration_seconds=time.monotonic() - started,

@@ -101,7 +101,7 @@ def test_no_trigger_no_eviction() -> None:
 def test_low_watermark_reclaims_up_to_the_high_one() -> None:
     # 1000 MiB available, high watermark 3276 MiB: reclaim 2276 MiB.
     result = run_plan(1000, [running("a", 1500), running("b", 1000), running("c", 700)])
-    assert result.triggers[0].startswith("MemAvailable 1000 MiB is below the low watermark")
+    assert result.triggers[0].message.startswith("MemAvailable 1000 MiB is below the low watermark")
     assert result.reclaim_target_bytes == int(TOTAL * 0.2) - 1000 * MIB
     assert evicted_names(result) == ["a", "b"]  # same priority: largest first
     assert result.reclaim_planned_bytes >= result.reclaim_target_bytes
@@ -117,7 +117,9 @@ def test_at_least_min_reclaim_is_reclaimed() -> None:
     result = run_plan(
         8000, [running("small", 50), running("big", 200)], config=config, host_psi=35.0
     )
-    assert result.triggers == ("host memory PSI some avg10 35.0% is at or above 20%",)
+    assert tuple(map(str, result.triggers)) == (
+        "host memory PSI some avg10 35.0% is at or above 20%",
+    )
     assert result.reclaim_target_bytes == 128 * MIB
     assert evicted_names(result) == ["big"]
 
@@ -130,7 +132,7 @@ def test_an_important_container_under_pressure_triggers_and_is_spared() -> None:
     containers = [running("db", 2000, psi=25.0), running("batch", 300), running("web", 300)]
     priorities = {"db": prio(100), "web": prio(50)}
     result = run_plan(8000, containers, priorities)
-    assert result.triggers == (
+    assert tuple(map(str, result.triggers)) == (
         "important containers stall on memory (PSI some avg10 >= 10%): db (25.0%)",
     )
     assert evicted_names(result) == ["batch"]
@@ -148,7 +150,9 @@ def test_budget_trigger_reclaims_below_the_budget() -> None:
         {"a": prio(10)},
         config=config,
     )
-    assert result.triggers == ("containers use 1200 MiB, over the budget of 1024 MiB",)
+    assert tuple(map(str, result.triggers)) == (
+        "containers use 1200 MiB, over the budget of 1024 MiB",
+    )
     # 1200 - 1024 + 128 = 304 MiB: b alone (priority 0) is enough.
     assert result.reclaim_target_bytes == 304 * MIB
     assert evicted_names(result) == ["b"]

@@ -12,8 +12,14 @@ reason (run ``scripts/setup.sh`` first).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -92,3 +98,92 @@ def workload(runtime: LxcRuntime) -> Iterator[WorkloadFactory]:
     for name in created:
         if runtime.exists(name):
             runtime.destroy(name)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def evictor_argv(*args: str) -> list[str]:
+    """The evictor under test (this interpreter's), as a command line."""
+    return [sys.executable, "-m", "evictor.cli", *args]
+
+
+class DaemonProcess:
+    """``evictor run`` as a real process, its log in a file."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                evictor_argv("-c", str(self.config), "run"),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout_seconds: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_seconds
+        while text not in self.log():
+            assert self.process is not None and self.process.poll() is None, self.log()
+            if time.monotonic() > deadline:
+                pytest.fail(f"daemon never logged {text!r}:\n{self.log()}")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_seconds: float = 60.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout_seconds)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(config: Path) -> DaemonProcess:
+        process = DaemonProcess(config, tmp_path / f"daemon-{len(started)}.log").start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.process is not None and process.process.poll() is None:
+            process.stop(signal.SIGKILL)
+
+
+def write_config(
+    path: Path, lxc_path: Path, state_dir: Path, port: int, **tables: dict[str, object]
+) -> Path:
+    """A daemon config for tests: fast ticks, no waiting, the given tables on top."""
+    base: dict[str, dict[str, object]] = {
+        "triggers": {"min_reclaim": "1MiB", "important_psi_some_avg10": "off"},
+        "restore": {"stable_seconds": 0, "margin": "1MiB"},
+        "antithrash": {"cooldown_seconds": 0},
+        "metrics": {"port": port},
+    }
+    for table, values in tables.items():
+        base.setdefault(table, {}).update(values)
+    lines = [f'lxc_path = "{lxc_path}"', f'state_dir = "{state_dir}"', "interval_seconds = 0.5"]
+    for table, values in base.items():
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings, numbers and booleans are spelled alike

@@ -1,0 +1,186 @@
+"""``evictor run``: sample, plan and act once per tick, under APScheduler.
+
+Ticks never overlap and never queue up: the job runs at most one instance at a
+time and missed runs coalesce into one, so a slow dump delays the next tick
+instead of stacking them. SIGTERM or SIGINT stops the daemon between two
+actions: a checkpoint or restore under way completes (or rolls back) first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from evictor import checkpoint, criu, restore
+from evictor.config import describe
+from evictor.engine import Engine
+from evictor.errors import EvictorError
+from evictor.metrics import Metrics, Snapshot
+from evictor.ranking import Plan
+from evictor.reconcile import reconcile
+
+log = logging.getLogger(__name__)
+
+
+class _SkippedTickFilter(logging.Filter):
+    """APScheduler warns whenever a tick is skipped because the last one still runs:
+    that is the design here (a slow dump), not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+def check_private(path: os.PathLike[str] | str, what: str) -> None:
+    """Refuse to run from a directory or file others may write to."""
+    mode = os.stat(path).st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise EvictorError(
+            f"{what} {path} is writable by group or others"
+            f" (mode {stat.S_IMODE(mode):o}): make it root-only"
+        )
+
+
+class Daemon:
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.stopping = threading.Event()
+        self.last_pressure_at: float | None = None
+
+    # --- start-up ---
+
+    def start_up(self) -> None:
+        """Check the host, settle interrupted work, release drained containers."""
+        config = self.engine.config
+        log.info("starting: %s", describe(config))
+        config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private(config.state_dir, "state directory")
+        self.engine.store.ensure()
+        criu.check_criu()
+        journal = self.engine.journal
+        reconcile(self.engine.runtime, self.engine.store, journal)
+        for name, managed in journal.managed().items():
+            if managed.drained:
+                journal.set_drained(name, False)
+                log.info("%s: drained before this start; restoring it as memory allows", name)
+
+    # --- the loop ---
+
+    def tick(self) -> None:
+        if self.stopping.is_set():
+            return
+        started = time.monotonic()
+        try:
+            self._tick()
+        except Exception:
+            log.exception("tick failed")
+            self.metrics.errors.labels(kind="tick").inc()
+        finally:
+            self.metrics.tick_seconds.observe(time.monotonic() - started)
+
+    def _tick(self) -> None:
+        engine = self.engine
+        now = time.time()
+        sample = engine.monitor.sample()
+        managed = engine.journal.managed()
+        held = frozenset(name for name, m in managed.items() if m.drained)
+        plan = engine.plan(sample, now, self.last_pressure_at, held)
+        if plan.pressure:
+            self.last_pressure_at = now
+        self.metrics.update(
+            Snapshot(
+                sample=sample,
+                plan=plan,
+                priorities=engine.priorities(c.name for c in sample.containers),
+                managed={name: m.state.value for name, m in managed.items()},
+                images_bytes=sum(c.image_bytes or 0 for c in sample.containers),
+            )
+        )
+        self.act(plan)
+
+    def act(self, plan: Plan) -> None:
+        """Carry out the plan's evictions and restores, stopping early when asked to."""
+        cause = plan.triggers[0].kind if plan.triggers else "none"
+        for decision in plan.evictions:
+            if self.stopping.is_set():
+                return
+            reason = f"{plan.triggers[0]}: {decision.reason}" if plan.triggers else decision.reason
+            try:
+                eviction = checkpoint.evict(
+                    self.engine.runtime,
+                    self.engine.store,
+                    self.engine.journal,
+                    decision.container,
+                    reason=reason,
+                )
+            except EvictorError as error:
+                log.error("eviction of %s failed: %s", decision.container, error)
+                self.metrics.evictions.labels(
+                    container=decision.container, result="failure", cause=cause
+                ).inc()
+                self.metrics.errors.labels(kind=type(error).__name__).inc()
+                continue
+            self.metrics.evictions.labels(
+                container=decision.container, result="success", cause=cause
+            ).inc()
+            self.metrics.checkpoint_seconds.observe(eviction.duration_seconds)
+            self.metrics.frozen_seconds.observe(eviction.manifest.dump_stats.frozen_time_us / 1e6)
+            self.metrics.image_bytes.observe(eviction.manifest.image_bytes)
+        for decision in plan.restores:
+            if self.stopping.is_set():
+                return
+            try:
+                restoration = restore.restore(
+                    self.engine.runtime, self.engine.store, self.engine.journal, decision.container
+                )
+            except EvictorError as error:
+                log.error("restore of %s failed: %s", decision.container, error)
+                self.metrics.restores.labels(container=decision.container, result="failure").inc()
+                self.metrics.errors.labels(kind=type(error).__name__).inc()
+                continue
+            log.info("restored %s: %s", decision.container, decision.reason)
+            self.metrics.restores.labels(container=decision.container, result="success").inc()
+            self.metrics.restore_seconds.observe(restoration.duration_seconds)
+
+    # --- running ---
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit code."""
+        self.start_up()
+        server = self.metrics.serve(self.engine.config.metrics)
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info("%s received: stopping after the current action", signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        # APScheduler logs every run at INFO: once a second is noise in the journal.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        logging.getLogger("apscheduler.scheduler").addFilter(_SkippedTickFilter())
+        scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        interval = self.engine.config.interval_seconds
+        scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=interval,
+            id="tick",
+            next_run_time=datetime.datetime.now(datetime.UTC),
+            misfire_grace_time=None,
+        )
+        scheduler.start()
+        log.info("running: a tick every %g s", interval)
+        self.stopping.wait()
+        scheduler.shutdown(wait=True)
+        if server is not None:
+            server.shutdown()
+        log.info("stopped")
+        return 0

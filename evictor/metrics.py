@@ -1,0 +1,180 @@
+"""Prometheus metrics: every eviction and restore, and the state of the host.
+
+Counters and histograms are updated as things happen; gauges are read from the
+daemon's latest sample and plan at scrape time, so a container that disappears
+disappears from the gauges too. Names follow Prometheus conventions: the
+``evictor_`` prefix, base units (bytes, seconds, ratios), ``_total`` counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from evictor.config import Metrics as MetricsConfig
+from evictor.monitor import Sample
+from evictor.ranking import Plan, Priority
+
+log = logging.getLogger(__name__)
+
+_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+# evictor's own states that say more than LXC's (which shows them STOPPED or RUNNING)
+_IN_FLIGHT_OR_FAILED = ("EVICTING", "RESTORING", "FAILED")
+_BYTES_BUCKETS = tuple(float(1 << n) for n in range(20, 38, 2))  # 1 MiB .. 64 GiB
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Snapshot:
+    """What the gauges report: the daemon's latest view."""
+
+    sample: Sample
+    plan: Plan
+    priorities: dict[str, Priority]
+    managed: dict[str, str]  # container -> evictor's state (RUNNING, EVICTED, FAILED...)
+    images_bytes: int
+
+
+class _Gauges(Collector):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+
+    def update(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            snapshot = self._snapshot
+        if snapshot is None:
+            return
+        host = snapshot.sample.host
+        yield GaugeMetricFamily(
+            "evictor_host_memory_total_bytes", "MemTotal", value=host.total_bytes
+        )
+        yield GaugeMetricFamily(
+            "evictor_host_memory_available_bytes", "MemAvailable", value=host.available_bytes
+        )
+        yield GaugeMetricFamily("evictor_host_memory_free_bytes", "MemFree", value=host.free_bytes)
+        yield GaugeMetricFamily("evictor_host_page_cache_bytes", "Cached", value=host.cached_bytes)
+        psi = GaugeMetricFamily(
+            "evictor_host_memory_pressure_ratio",
+            "Host memory PSI as a ratio of wall time",
+            labels=["kind", "window"],
+        )
+        if host.pressure is not None:
+            for kind in ("some", "full"):
+                for window in ("avg10", "avg60"):
+                    value = getattr(host.pressure, f"{kind}_{window}") / 100
+                    psi.add_metric([kind, window], value)
+        yield psi
+        yield GaugeMetricFamily(
+            "evictor_pressure", "1 while any trigger fires", value=float(snapshot.plan.pressure)
+        )
+        yield GaugeMetricFamily(
+            "evictor_images_bytes", "Bytes of committed images on disk", value=snapshot.images_bytes
+        )
+        memory = GaugeMetricFamily(
+            "evictor_container_memory_usage_bytes",
+            "Memory charged to the container's cgroup (0 if stopped)",
+            labels=["container"],
+        )
+        footprint = GaugeMetricFamily(
+            "evictor_container_evicted_memory_bytes",
+            "Usage recorded when the container was evicted",
+            labels=["container"],
+        )
+        priority = GaugeMetricFamily(
+            "evictor_container_priority",
+            "Effective priority",
+            labels=["container", "source", "protected"],
+        )
+        state = GaugeMetricFamily(
+            "evictor_container_state",
+            "1 for the container's current state as evictor sees it",
+            labels=["container", "state"],
+        )
+        evicted_at = GaugeMetricFamily(
+            "evictor_container_evicted_timestamp_seconds",
+            "When the container was evicted",
+            labels=["container"],
+        )
+        for container in snapshot.sample.containers:
+            name = container.name
+            memory.add_metric([name], container.usage_bytes)
+            if container.evicted:
+                footprint.add_metric([name], container.evicted_usage_bytes or 0)
+                evicted_at.add_metric([name], container.evicted_at or 0)
+            p = snapshot.priorities.get(name)
+            if p is not None:
+                priority.add_metric([name, p.source, str(p.protected).lower()], p.value)
+            shown = snapshot.managed.get(name, "")
+            if shown not in _IN_FLIGHT_OR_FAILED:
+                shown = "EVICTED" if container.evicted else container.state.value
+            state.add_metric([name, shown], 1)
+        yield from (memory, footprint, priority, state, evicted_at)
+
+
+class Metrics:
+    """All of evictor's metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.evictions = Counter(
+            "evictor_evictions", "Evictions attempted", ["container", "result", "cause"], registry=r
+        )
+        self.restores = Counter(
+            "evictor_restores", "Restores attempted", ["container", "result"], registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            "evictor_checkpoint_duration_seconds",
+            "Whole evictions: preflight, dump, seal and commit",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.frozen_seconds = Histogram(
+            "evictor_checkpoint_frozen_seconds",
+            "How long CRIU kept the container frozen",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.image_bytes = Histogram(
+            "evictor_checkpoint_image_bytes",
+            "Image size per eviction",
+            buckets=_BYTES_BUCKETS,
+            registry=r,
+        )
+        self.restore_seconds = Histogram(
+            "evictor_restore_duration_seconds",
+            "Whole restores: verification, CRIU and the wait",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter("evictor_errors", "Errors by kind", ["kind"], registry=r)
+        self.tick_seconds = Histogram(
+            "evictor_tick_duration_seconds",
+            "One sample-plan-act tick",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 120),
+            registry=r,
+        )
+        self._gauges = _Gauges()
+        r.register(self._gauges)
+
+    def update(self, snapshot: Snapshot) -> None:
+        self._gauges.update(snapshot)
+
+    def serve(self, config: MetricsConfig) -> WSGIServer | None:
+        """Serve /metrics on the configured address; None when metrics are off."""
+        if not config.enabled:
+            return None
+        server, _ = start_http_server(config.port, addr=config.address, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", config.address, config.port)
+        return server

@@ -1,0 +1,248 @@
+"""The daemon end to end: real containers, real CRIU, scraped over HTTP."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from evictor import testbed
+from evictor.images import ImageState, ImageStore
+from evictor.journal import Journal, Managed
+from evictor.lxc_runtime import LxcRuntime
+from evictor.model import ContainerState
+
+from .conftest import DaemonProcess, WorkloadFactory, evictor_argv, free_port, write_config
+
+MIB = 1 << 20
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_seconds: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_evicts_the_lowest_under_a_budget_and_restores_when_load_drops(
+    runtime: LxcRuntime,
+    workload: WorkloadFactory,
+    daemon: Callable[[Path], DaemonProcess],
+    tmp_path: Path,
+) -> None:
+    low, mid = workload(memory_mib=64), workload(memory_mib=64)
+    guard = workload(memory_mib=96)
+    state, port = tmp_path / "state", free_port()
+    config = write_config(
+        tmp_path / "evictor.toml",
+        runtime.lxc_path,
+        state,
+        port,
+        triggers={"budget": "200MiB"},
+        priorities={
+            "rules": [
+                {"match": mid, "priority": 10},
+                {"match": guard, "priority": -5, "protect": True},
+            ]
+        },
+    )
+    before = testbed.wait_for_counter(runtime, low, above=0)
+    running = daemon(config)
+    store = ImageStore(state / "images")
+    running.wait_for_log(f"evicted {low}")
+    assert store.image_state(low) is ImageState.COMMITTED
+    assert runtime.state(low) is ContainerState.STOPPED
+    assert runtime.state(mid) is ContainerState.RUNNING
+    assert runtime.state(guard) is ContainerState.RUNNING  # lowest priority, but protected
+    # The memory is free: none of the image is in the page cache.
+    resident = subprocess.run(
+        ["fincore", "-b", "-n", "-o", "RES", *map(str, store.path(low).glob("pages-*.img"))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert sum(map(int, resident)) < 4 * MIB
+
+    evicted_gauge = ("evictor_container_state", (("container", low), ("state", "EVICTED")))
+    wait_until(lambda: evicted_gauge in scrape(port), "the next tick's gauges")
+    metrics = scrape(port)
+    assert (
+        metrics[
+            (
+                "evictor_evictions_total",
+                (("cause", "budget"), ("container", low), ("result", "success")),
+            )
+        ]
+        == 1
+    )
+    assert metrics[("evictor_checkpoint_duration_seconds_count", ())] == 1
+    assert metrics[("evictor_checkpoint_duration_seconds_sum", ())] > 0
+    assert metrics[("evictor_checkpoint_image_bytes_sum", ())] >= 64 * MIB
+    assert metrics[evicted_gauge] == 1
+    assert metrics[("evictor_pressure", ())] in (0, 1)
+
+    runtime.stop(mid)  # load drops: now low fits again
+    wait_until(lambda: runtime.state(low) is ContainerState.RUNNING, f"{low} restored")
+    running.wait_for_log(f"restored {low}")
+    after = testbed.wait_for_counter(runtime, low, above=before.counter)
+    assert after.incarnation == before.incarnation
+    verified = testbed.wait_for_counter(runtime, low, above=after.counter + 1)
+    assert verified.errors == 0
+    assert not store.path(low).exists()
+    metrics = scrape(port)
+    assert metrics[("evictor_restores_total", (("container", low), ("result", "success")))] == 1
+    assert metrics[("evictor_restore_duration_seconds_count", ())] == 1
+
+    assert running.stop(signal.SIGTERM) == 0
+    assert "SIGTERM received" in running.log() and "stopped" in running.log()
+
+
+def test_sigkill_mid_eviction_then_restart_loses_nothing(
+    runtime: LxcRuntime,
+    workload: WorkloadFactory,
+    daemon: Callable[[Path], DaemonProcess],
+    tmp_path: Path,
+) -> None:
+    big = workload(memory_mib=1024)
+    before = testbed.wait_for_counter(runtime, big, above=0)
+    state = tmp_path / "state"
+    config = write_config(
+        tmp_path / "evictor.toml",
+        runtime.lxc_path,
+        state,
+        free_port(),
+        triggers={"budget": "512MiB"},
+        metrics={"enabled": False},
+    )
+    first = daemon(config)
+    pages = state / "images" / big
+    wait_until(
+        lambda: any(p.stat().st_size > 64 * MIB for p in pages.glob("pages-*.img")),
+        "the dump to be under way",
+        timeout_seconds=60,
+    )
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    # Restart with room for it: whatever the moment of the kill, it ends RUNNING
+    # or EVICTED with a complete image, and then comes back with its memory intact.
+    write_config(
+        tmp_path / "evictor.toml",
+        runtime.lxc_path,
+        state,
+        free_port(),
+        triggers={"budget": "4GiB"},
+        metrics={"enabled": False},
+    )
+    second = daemon(config)
+    second.wait_for_log("reconciled")
+    journal = Journal(state / "journal.db")
+    assert journal.managed()[big].state in (Managed.RUNNING, Managed.EVICTED, Managed.RESTORING)
+    wait_until(lambda: runtime.state(big) is ContainerState.RUNNING, f"{big} running")
+    second.stop()
+    after = testbed.wait_for_counter(runtime, big, above=before.counter)
+    assert after.incarnation == before.incarnation
+    assert testbed.wait_for_counter(runtime, big, above=after.counter + 2).errors == 0
+    assert ImageStore(state / "images").image_state(big) is ImageState.NONE
+
+
+def test_make_room_evicts_lower_priority_containers(
+    runtime: LxcRuntime, workload: WorkloadFactory, tmp_path: Path
+) -> None:
+    small, large = workload(memory_mib=32), workload(memory_mib=96)
+    peer = workload(memory_mib=32)
+    important = workload(start=False)
+    state = tmp_path / "state"
+    config = write_config(
+        tmp_path / "evictor.toml",
+        runtime.lxc_path,
+        state,
+        free_port(),
+        triggers={"budget": "250MiB"},
+        priorities={
+            "rules": [{"match": important, "priority": 50}, {"match": peer, "priority": 50}]
+        },
+    )
+    result = subprocess.run(
+        evictor_argv("-c", str(config), "make-room", important, "--bytes", "100MiB"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # ~165 MiB used + 100 MiB expected > 250 MiB: the largest lower-priority one goes.
+    assert f"evicted {large}" in result.stdout
+    assert runtime.state(large) is ContainerState.STOPPED
+    assert runtime.state(small) is ContainerState.RUNNING
+    assert runtime.state(peer) is ContainerState.RUNNING  # same priority as the target
+    runtime.start(important)
+    assert runtime.state(important) is ContainerState.RUNNING
+    again = subprocess.run(
+        evictor_argv("-c", str(config), "make-room", important),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 2 and "has no memory limit" in again.stderr
+
+
+def test_drain_then_daemon_restart_restores_everything(
+    runtime: LxcRuntime,
+    workload: WorkloadFactory,
+    daemon: Callable[[Path], DaemonProcess],
+    tmp_path: Path,
+) -> None:
+    first_name, second_name = workload(memory_mib=32), workload(memory_mib=32)
+    protected = workload()
+    before = {n: testbed.wait_for_counter(runtime, n, above=0) for n in (first_name, second_name)}
+    state = tmp_path / "state"
+    config = write_config(
+        tmp_path / "evictor.toml",
+        runtime.lxc_path,
+        state,
+        free_port(),
+        priorities={
+            "rules": [{"match": protected, "protect": True}, {"match": second_name, "priority": 9}]
+        },
+        metrics={"enabled": False},
+    )
+    running = daemon(config)
+    running.wait_for_log("running: a tick every")
+    drained = subprocess.run(
+        evictor_argv("-c", str(config), "drain"), capture_output=True, text=True, check=False
+    )
+    assert drained.returncode == 0, drained.stderr
+    assert f"left running (protected; --all drains them too): {protected}" in drained.stdout
+    time.sleep(2)  # four ticks: the running daemon leaves drained containers alone
+    assert runtime.state(first_name) is ContainerState.STOPPED
+    assert runtime.state(second_name) is ContainerState.STOPPED
+    assert running.stop() == 0
+
+    restarted = daemon(config)
+    wait_until(
+        lambda: all(runtime.state(n) is ContainerState.RUNNING for n in (first_name, second_name)),
+        "drained containers restored",
+    )
+    restarted.stop()
+    log = restarted.log()
+    assert log.index(f"restored {second_name}") < log.index(f"restored {first_name}")
+    for name, status in before.items():
+        assert testbed.wait_for_counter(runtime, name, above=status.counter).incarnation == (
+            status.incarnation
+        )
