@@ -144,10 +144,13 @@ def _build_parser() -> argparse.ArgumentParser:
     resume.add_argument("names", nargs="*", metavar="NAME")
     check = command("check-config", _cmd_check_config, "validate a config file")
     check.add_argument("path", nargs="?", type=Path, metavar="PATH")
-    demo = command("demo", _cmd_demo, "evict and restore a built-in demo container")
+    demo = command("demo", _cmd_demo, "run the daemon on built-in containers and a budget")
     demo.add_argument(
-        "--memory-mib", type=int, default=256, help="memory the demo workload holds (default 256)"
+        "--once",
+        action="store_true",
+        help="exit when the scenario is done (default: wait for Ctrl-C)",
     )
+    demo.add_argument("--port", type=int, default=9857, help="metrics port (default 9857)")
     return parser
 
 
@@ -387,7 +390,7 @@ def _cmd_make_room(args: argparse.Namespace, engine: Engine) -> int:
         expected = engine.runtime.memory_limit_bytes(name)
         if expected is None:
             raise UsageError(f"{name}: has no memory limit in its LXC config; pass --bytes SIZE")
-    sample = engine.monitor.sample()
+    sample = engine.monitor.sample(skip=frozenset({name}))  # it may be starting: see sample()
     now = time.time()
     names = {c.name for c in sample.containers} | {name}
     plan = plan_make_room(
@@ -484,9 +487,9 @@ def _cmd_check_config(args: argparse.Namespace, engine: Engine) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, engine: Engine) -> int:
-    from evictor import demo  # the demo pulls in the testbed, which the daemon never needs
+    from evictor import demo  # the demo pulls in the testbed and the daemon
 
-    return demo.run(state_dir=engine.config.state_dir, memory_mib=args.memory_mib)
+    return demo.run(state_dir=engine.config.state_dir, once=args.once, port=args.port)
 
 
 def _engine(args: argparse.Namespace) -> Engine:

@@ -16,6 +16,7 @@ import stat
 import threading
 import time
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -54,6 +55,8 @@ class Daemon:
         self.metrics = metrics
         self.stopping = threading.Event()
         self.last_pressure_at: float | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        self._server: WSGIServer | None = None
 
     # --- start-up ---
 
@@ -95,6 +98,7 @@ class Daemon:
         plan = engine.plan(sample, now, self.last_pressure_at, held)
         if plan.pressure:
             self.last_pressure_at = now
+        store_size, store_free = engine.store.capacity()
         self.metrics.update(
             Snapshot(
                 sample=sample,
@@ -102,6 +106,8 @@ class Daemon:
                 priorities=engine.priorities(c.name for c in sample.containers),
                 managed={name: m.state.value for name, m in managed.items()},
                 images_bytes=sum(c.image_bytes or 0 for c in sample.containers),
+                store_size_bytes=store_size,
+                store_free_bytes=store_free,
             )
         )
         self.act(plan)
@@ -152,23 +158,16 @@ class Daemon:
 
     # --- running ---
 
-    def run(self) -> int:
-        """Run until SIGTERM or SIGINT; return the exit code."""
+    def start(self) -> None:
+        """Start up, serve metrics and schedule the ticks; returns at once."""
         self.start_up()
-        server = self.metrics.serve(self.engine.config.metrics)
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            log.info("%s received: stopping after the current action", signal.Signals(signum).name)
-            self.stopping.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        self._server = self.metrics.serve(self.engine.config.metrics)
         # APScheduler logs every run at INFO: once a second is noise in the journal.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         logging.getLogger("apscheduler.scheduler").addFilter(_SkippedTickFilter())
-        scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         interval = self.engine.config.interval_seconds
-        scheduler.add_job(
+        self._scheduler.add_job(
             self.tick,
             "interval",
             seconds=interval,
@@ -176,11 +175,28 @@ class Daemon:
             next_run_time=datetime.datetime.now(datetime.UTC),
             misfire_grace_time=None,
         )
-        scheduler.start()
+        self._scheduler.start()
         log.info("running: a tick every %g s", interval)
-        self.stopping.wait()
-        scheduler.shutdown(wait=True)
-        if server is not None:
-            server.shutdown()
+
+    def stop(self) -> None:
+        """Stop after the action under way, if any, and wait for it."""
+        self.stopping.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        if self._server is not None:
+            self._server.shutdown()
         log.info("stopped")
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit code."""
+
+        def request_stop(signum: int, frame: FrameType | None) -> None:
+            log.info("%s received: stopping after the current action", signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        self.start()
+        self.stopping.wait()
+        self.stop()
         return 0

@@ -218,9 +218,13 @@ class ImageStore:
         return kept
 
     def free_bytes(self) -> int:
+        return self.capacity()[1]
+
+    def capacity(self) -> tuple[int, int]:
+        """(size, free) of the filesystem holding the store, in bytes."""
         self.ensure()
         stat = os.statvfs(self.root)
-        return stat.f_bavail * stat.f_frsize
+        return stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
 
     def images(self) -> list[StoredImage]:
         """Every image in the store, committed or partial, by container name."""

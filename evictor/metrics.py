@@ -39,6 +39,8 @@ class Snapshot:
     priorities: dict[str, Priority]
     managed: dict[str, str]  # container -> evictor's state (RUNNING, EVICTED, FAILED...)
     images_bytes: int
+    store_size_bytes: int
+    store_free_bytes: int
 
 
 class _Gauges(Collector):
@@ -80,6 +82,16 @@ class _Gauges(Collector):
         )
         yield GaugeMetricFamily(
             "evictor_images_bytes", "Bytes of committed images on disk", value=snapshot.images_bytes
+        )
+        yield GaugeMetricFamily(
+            "evictor_image_store_size_bytes",
+            "Size of the filesystem holding the image store",
+            value=snapshot.store_size_bytes,
+        )
+        yield GaugeMetricFamily(
+            "evictor_image_store_free_bytes",
+            "Free bytes on the filesystem holding the image store",
+            value=snapshot.store_free_bytes,
         )
         memory = GaugeMetricFamily(
             "evictor_container_memory_usage_bytes",

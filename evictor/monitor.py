@@ -69,11 +69,18 @@ class Monitor:
         # A container's cgroup is fixed while its init lives: found once per init pid.
         self._cgroups: dict[tuple[str, int], cgroups.MemoryCgroup | None] = {}
 
-    def sample(self) -> Sample:
+    def sample(self, *, skip: frozenset[str] = frozenset()) -> Sample:
+        """Sample the host and every container but those in ``skip``.
+
+        A container that is starting cannot be asked for its state while its
+        pre-start hook runs (its monitor is busy with the hook), hence ``skip``.
+        """
         images = {image.container: image for image in self.store.images()}
         containers = []
         seen: dict[tuple[str, int], cgroups.MemoryCgroup | None] = {}
         for name in self.runtime.names():
+            if name in skip:
+                continue
             try:
                 containers.append(self._sample_container(name, images.get(name), seen))
             except ContainerNotFound:

@@ -35,11 +35,10 @@ criu_ok() {
     command -v criu >/dev/null || return 1
     dpkg --compare-versions "$(criu --version | sed -n 's/^Version: //p')" ge 4.2
 }
-if ! criu_ok; then
-    # Kernels >= 6.13 need CRIU >= 4.1 (vDSO layout) and >= 6.16 need >= 4.2
-    # (TCP socket options); bookworm has 3.17 and trixie 4.1, so take forky's,
-    # pinned low so that nothing else is upgraded from it.
-    say "adding Debian forky at pin priority 100 for criu >= 4.2"
+add_forky() {
+    # Pinned low, so that nothing else is upgraded from it.
+    [ -f /etc/apt/sources.list.d/evictor-forky.sources ] && return
+    say "adding Debian forky at pin priority 100"
     cat > /etc/apt/sources.list.d/evictor-forky.sources <<'SRC'
 Types: deb
 URIs: http://deb.debian.org/debian
@@ -54,11 +53,24 @@ Pin: release n=forky
 Pin-Priority: 100
 PIN
     apt-get update -qq
+}
+
+if ! criu_ok; then
+    # Kernels >= 6.13 need CRIU >= 4.1 (vDSO layout) and >= 6.16 need >= 4.2
+    # (TCP socket options); bookworm has 3.17 and trixie 4.1: take forky's.
+    add_forky
     say "installing criu from forky"
     apt-get install -y -qq --no-install-recommends -t forky criu >/dev/null
     criu_ok || die "criu >= 4.2 is still not installed ($(criu --version 2>&1 | head -1))"
 fi
 say "criu $(criu --version | sed -n 's/^Version: //p')"
+if ! command -v promtool >/dev/null; then
+    # Only for the tests of deploy/prometheus (bookworm ships it inside the
+    # prometheus server package; forky has it on its own).
+    add_forky
+    say "installing promtool from forky"
+    apt-get install -y -qq --no-install-recommends -t forky promtool >/dev/null
+fi
 
 say "criu check"
 if ! out=$(criu check 2>&1); then

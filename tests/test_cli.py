@@ -20,7 +20,7 @@ def run(capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str) -> tuple
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["frobnicate"], ["evict"], ["restore"], ["demo", "--memory-mib", "lots"]],
+    [[], ["frobnicate"], ["evict"], ["restore"], ["demo", "--port", "lots"]],
     ids=["no-command", "unknown-command", "evict-no-name", "restore-no-name", "bad-number"],
 )
 def test_bad_usage_is_one_line_and_exit_2(

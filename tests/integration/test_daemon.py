@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -246,3 +247,58 @@ def test_drain_then_daemon_restart_restores_everything(
         assert testbed.wait_for_counter(runtime, name, above=status.counter).incarnation == (
             status.incarnation
         )
+
+
+def test_the_demo_runs_its_scenario_and_cleans_up(tmp_path: Path, test_lxc_path: Path) -> None:
+    result = subprocess.run(
+        evictor_argv("--state-dir", str(tmp_path), "demo", "--once", "--port", str(free_port())),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for line in (
+        "evicted evictor-demo-cache",
+        "evicted evictor-demo-batch",
+        "restored evictor-demo-batch",
+        "restored evictor-demo-cache",
+        "evictor-demo-cache: same process, counter went on",
+        "evictor-demo-batch: same process, counter went on",
+        "demo containers removed",
+    ):
+        assert line in output
+    assert "evictor-demo-db" not in " ".join(
+        line for line in output.splitlines() if "evicted" in line
+    )
+    assert output.index("restored evictor-demo-batch") < output.index("restored evictor-demo-cache")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_the_lxc_pre_start_hook_makes_room(
+    runtime: LxcRuntime,
+    workload: WorkloadFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    victim = workload(memory_mib=96)
+    important = workload(start=False)
+    hook = Path(__file__).parents[2] / "deploy/lxc/evictor-make-room"
+    with open(runtime.lxc_path / important / "config", "a") as config_file:
+        config_file.write(f"lxc.hook.pre-start = {hook}\n")
+    config = write_config(
+        tmp_path / "evictor.toml",
+        runtime.lxc_path,
+        tmp_path / "state",
+        free_port(),
+        triggers={"budget": "150MiB"},
+        priorities={"rules": [{"match": important, "priority": 50}]},
+    )
+    monkeypatch.setenv("EVICTOR", str(Path(sys.executable).parent / "evictor"))
+    monkeypatch.setenv("EVICTOR_CONFIG", str(config))
+    monkeypatch.setenv("EVICTOR_MAKE_ROOM_BYTES", "100MiB")
+    runtime.start(important)  # lxc-start runs the hook before the container starts
+    assert runtime.state(important) is ContainerState.RUNNING
+    assert runtime.state(victim) is ContainerState.STOPPED
+    assert ImageStore(tmp_path / "state/images").image_state(victim) is ImageState.COMMITTED

@@ -1,0 +1,149 @@
+"""deploy/ stays true to the code: rules, dashboard, unit file and hook."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from evictor.metrics import Metrics, Snapshot
+from evictor.model import ContainerSample, ContainerState, HostSample, Pressure
+from evictor.monitor import Sample
+from evictor.ranking import Plan, Priority
+
+ROOT = Path(__file__).parents[1]
+DEPLOY = ROOT / "deploy"
+RULES = DEPLOY / "prometheus/evictor-alerts.yml"
+DASHBOARD = DEPLOY / "grafana/evictor-dashboard.json"
+
+
+def exposed_names() -> set[str]:
+    """Every sample name evictor exposes once each metric has seen one event."""
+    metrics = Metrics()
+    host = HostSample(
+        total_bytes=8,
+        available_bytes=4,
+        free_bytes=2,
+        cached_bytes=1,
+        swap_total_bytes=0,
+        swap_free_bytes=0,
+        pressure=Pressure(),
+    )
+    sample = Sample(
+        host=host,
+        containers=(
+            ContainerSample(name="a", state=ContainerState.RUNNING, usage_bytes=1),
+            ContainerSample(
+                name="b",
+                state=ContainerState.STOPPED,
+                evicted=True,
+                evicted_usage_bytes=1,
+                image_bytes=1,
+                evicted_at=1.0,
+            ),
+        ),
+    )
+    plan = Plan(
+        triggers=(), critical=False, reclaim_target_bytes=0, evictions=(), restores=(), notes=()
+    )
+    metrics.update(
+        Snapshot(
+            sample=sample,
+            plan=plan,
+            priorities={"a": Priority(value=1, protected=False, source="default")},
+            managed={},
+            images_bytes=1,
+            store_size_bytes=10,
+            store_free_bytes=5,
+        )
+    )
+    metrics.evictions.labels(container="a", result="success", cause="budget").inc()
+    metrics.restores.labels(container="a", result="success").inc()
+    metrics.errors.labels(kind="tick").inc()
+    for histogram in (
+        metrics.checkpoint_seconds,
+        metrics.frozen_seconds,
+        metrics.image_bytes,
+        metrics.restore_seconds,
+        metrics.tick_seconds,
+    ):
+        histogram.observe(1)
+    text = generate_latest(metrics.registry).decode()
+    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def referenced_names(text: str) -> set[str]:
+    return set(re.findall(r"\bevictor_[a-z0-9_]+", text))
+
+
+def test_alert_rules_and_dashboard_use_only_metrics_evictor_exposes() -> None:
+    exposed = exposed_names()
+    dashboard_text = json.dumps(json.loads(DASHBOARD.read_text()))
+    for source, text in (("alerts", RULES.read_text()), ("dashboard", dashboard_text)):
+        unknown = referenced_names(text) - exposed
+        assert not unknown, f"{source} refers to metrics evictor does not expose: {unknown}"
+
+
+def test_every_metric_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    families = {re.sub(r"_(total|bucket|count|sum|created)$", "", n) for n in exposed_names()}
+    missing = {f for f in families if f not in readme}
+    assert not missing, f"README does not document {missing}"
+
+
+def test_alert_rules_are_valid_and_fire_as_intended() -> None:
+    check = subprocess.run(
+        ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run(
+        ["promtool", "test", "rules", str(ROOT / "tests/promtool/evictor-alerts-test.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    """systemd-analyze verify, with the unit's install path pointed at this checkout."""
+    venv = Path(
+        subprocess.run(
+            ["sh", "-c", "command -v evictor || true"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or ROOT / ".venv/bin/evictor"
+    )
+    unit = (
+        (DEPLOY / "evictor.service")
+        .read_text()
+        .replace("/opt/evictor/.venv/bin/evictor", str(venv))
+    )
+    path = tmp_path / "evictor.service"
+    path.write_text(unit)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    problems = [
+        line for line in (result.stdout + result.stderr).splitlines() if "evictor.service" in line
+    ]
+    assert problems == [], problems
+    assert "KillMode=mixed" in unit and "OOMScoreAdjust=-900" in unit
+
+
+def test_the_dashboard_has_the_panels_operators_need() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    titles = {panel["title"] for panel in dashboard["panels"]}
+    assert {
+        "Host memory and pressure",
+        "Container memory",
+        "Evictions and restores",
+        "Checkpoint and restore durations",
+        "Evicted containers",
+    } <= titles
