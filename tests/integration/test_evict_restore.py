@@ -65,10 +65,10 @@ def test_evicted_memory_is_freed_and_restored_bit_exact(
     # Freed, not parked in the page cache: the kernel holds none of the image...
     assert resident_bytes(image_dir) < 4 * MIB
     # ...and the host's own figures: the workload's anonymous memory is gone, the page
-    # cache did not take its place, and MemFree rose by most of it (MemFree moves by
-    # tens of MiB on its own on this shared machine, hence the looser bound).
+    # cache did not take its place, and MemFree rose by most of it (host-wide figures
+    # move by tens of MiB on their own on this shared machine, hence the bounds).
     delta = {k: meminfo_after[k] - meminfo_before[k] for k in ("AnonPages", "Cached", "MemFree")}
-    assert -delta["AnonPages"] >= 0.95 * 256 * MIB
+    assert -delta["AnonPages"] >= 0.85 * 256 * MIB
     assert delta["Cached"] < 0.05 * usage_bytes
     assert delta["MemFree"] >= 0.7 * usage_bytes
     # Root-only, since the image is the container's memory.
