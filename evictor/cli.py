@@ -239,11 +239,12 @@ def _image(sample: ContainerSample, now: float) -> tuple[str, str]:
 def _cmd_list(args: argparse.Namespace, engine: Engine) -> int:
     sample = engine.monitor.sample()
     if args.json:
-        _print_json(sample.containers)
+        _print_json({"containers": sample.containers, "orphan_images": sample.orphan_images})
         return EXIT_OK
     now = time.time()
     rows = [("NAME", "STATE", "MEMORY", "IMAGE", "EVICTED")]
     rows += [(c.name, _state(c), _memory(c), *_image(c, now)) for c in sample.containers]
+    rows += [(name, "MISSING", "-", "kept", "-") for name in sample.orphan_images]
     _table(rows)
     return EXIT_OK
 
@@ -300,6 +301,7 @@ def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
                     }
                     for c in sample.containers
                 ],
+                "orphan_images": sample.orphan_images,
             }
         )
         return EXIT_OK
@@ -334,6 +336,20 @@ def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
                 *_image(c, now),
             )
         )
+    rows += [
+        (
+            name,
+            "MISSING",
+            "-",
+            "-",
+            "-",
+            "-",
+            "container deleted or renamed; image kept",
+            "kept",
+            "-",
+        )
+        for name in sample.orphan_images
+    ]
     _table(rows)
     return EXIT_OK
 
@@ -377,9 +393,12 @@ def _cmd_label(args: argparse.Namespace, engine: Engine) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, engine: Engine) -> int:
-    from evictor.daemon import Daemon  # APScheduler and the HTTP server: only for the daemon
+    from evictor.daemon import Daemon, check_private  # APScheduler, HTTP: only for the daemon
     from evictor.metrics import Metrics
 
+    config_path = args.config or DEFAULT_CONFIG_PATH
+    if config_path.exists():
+        check_private(config_path, "config file")
     return Daemon(engine, Metrics()).run()
 
 

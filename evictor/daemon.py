@@ -9,6 +9,7 @@ actions: a checkpoint or restore under way completes (or rolls back) first.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from evictor import checkpoint, criu, restore
 from evictor.config import describe
 from evictor.engine import Engine
-from evictor.errors import EvictorError
+from evictor.errors import EvictorError, ImageError, LockBusy
 from evictor.metrics import Metrics, Snapshot
 from evictor.ranking import Plan
 from evictor.reconcile import reconcile
@@ -57,6 +58,7 @@ class Daemon:
         self.last_pressure_at: float | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._server: WSGIServer | None = None
+        self._lock_fd: int | None = None
 
     # --- start-up ---
 
@@ -66,6 +68,7 @@ class Daemon:
         log.info("starting: %s", describe(config))
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_private(config.state_dir, "state directory")
+        self._hold_daemon_lock()
         self.engine.store.ensure()
         criu.check_criu()
         journal = self.engine.journal
@@ -74,6 +77,23 @@ class Daemon:
             if managed.drained:
                 journal.set_drained(name, False)
                 log.info("%s: drained before this start; restoring it as memory allows", name)
+
+    def _hold_daemon_lock(self) -> None:
+        """One daemon per state directory: a second one fails at once, naming the first."""
+        path = self.engine.config.state_dir / "daemon.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockBusy(
+                f"another evictor daemon (pid {holder}) is running with state"
+                f" directory {self.engine.config.state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd  # held, and so locked, for the daemon's life
 
     # --- the loop ---
 
@@ -149,6 +169,8 @@ class Daemon:
                 )
             except EvictorError as error:
                 log.error("restore of %s failed: %s", decision.container, error)
+                if isinstance(error, ImageError):
+                    self.metrics.image_rejections.labels(container=decision.container).inc()
                 self.metrics.restores.labels(container=decision.container, result="failure").inc()
                 self.metrics.errors.labels(kind=type(error).__name__).inc()
                 continue

@@ -170,6 +170,13 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self.image_rejections = Counter(
+            "evictor_image_rejections",
+            "Restores refused because the image failed verification (corrupt, truncated,"
+            " missing files, tampered manifest); the image is kept",
+            ["container"],
+            registry=r,
+        )
         self.errors = Counter("evictor_errors", "Errors by kind", ["kind"], registry=r)
         self.tick_seconds = Histogram(
             "evictor_tick_duration_seconds",

@@ -65,6 +65,7 @@ class ContainerSample:
     name: str
     state: ContainerState
     evicted: bool = False  # STOPPED with a committed image
+    stale_image: bool = False  # RUNNING although it has a committed image: started by hand
     usage_bytes: int = 0  # cgroup usage: anonymous memory, page cache, kernel memory
     working_set_bytes: int = 0  # usage minus inactive file cache, as the kubelet counts it
     anon_bytes: int = 0

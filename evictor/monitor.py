@@ -25,6 +25,7 @@ DEFAULT_PROC_ROOT = Path("/proc")
 class Sample:
     host: HostSample
     containers: tuple[ContainerSample, ...]
+    orphan_images: tuple[str, ...] = ()  # committed images of containers that no longer exist
 
 
 def parse_meminfo(text: str) -> dict[str, int]:
@@ -86,7 +87,11 @@ class Monitor:
             except ContainerNotFound:
                 continue  # deleted between the listing and the sample
         self._cgroups = seen
-        return Sample(host=sample_host(self.proc_root), containers=tuple(containers))
+        known = {c.name for c in containers} | skip
+        orphans = tuple(n for n, i in images.items() if i.manifest is not None and n not in known)
+        return Sample(
+            host=sample_host(self.proc_root), containers=tuple(containers), orphan_images=orphans
+        )
 
     def _memory_cgroup(self, name: str, pid: int) -> cgroups.MemoryCgroup | None:
         key = (name, pid)
@@ -114,6 +119,7 @@ class Monitor:
                     return ContainerSample(
                         name=name,
                         state=state,
+                        stale_image=image is not None and image.manifest is not None,
                         usage_bytes=stats.usage_bytes,
                         working_set_bytes=stats.working_set_bytes,
                         anon_bytes=stats.anon_bytes,

@@ -140,6 +140,8 @@ def eligibility(
     """One phrase for ``evictor status``: may evictor evict this container now?"""
     if sample.evicted:
         return "evicted"
+    if sample.stale_image:
+        return "stale image: started outside evictor after its eviction; image kept"
     if priority.protected:
         return "protected"
     if sample.state is not ContainerState.RUNNING:
@@ -296,7 +298,7 @@ def _choose_evictions(
     spared = []
     for sample in running:
         priority = priorities[sample.name]
-        if priority.protected or sample.name in excluded:
+        if priority.protected or sample.name in excluded or sample.stale_image:
             continue
         history = histories.get(sample.name, empty)
         if (

@@ -64,6 +64,7 @@ def exposed_names() -> set[str]:
     metrics.evictions.labels(container="a", result="success", cause="budget").inc()
     metrics.restores.labels(container="a", result="success").inc()
     metrics.errors.labels(kind="tick").inc()
+    metrics.image_rejections.labels(container="a").inc()
     for histogram in (
         metrics.checkpoint_seconds,
         metrics.frozen_seconds,
