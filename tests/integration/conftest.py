@@ -162,7 +162,13 @@ def daemon(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
 
 
 def write_config(
-    path: Path, lxc_path: Path, state_dir: Path, port: int, **tables: dict[str, object]
+    path: Path,
+    lxc_path: Path,
+    state_dir: Path,
+    port: int,
+    *,
+    interval_seconds: float = 0.5,
+    **tables: dict[str, object],
 ) -> Path:
     """A daemon config for tests: fast ticks, no waiting, the given tables on top."""
     base: dict[str, dict[str, object]] = {
@@ -173,7 +179,11 @@ def write_config(
     }
     for table, values in tables.items():
         base.setdefault(table, {}).update(values)
-    lines = [f'lxc_path = "{lxc_path}"', f'state_dir = "{state_dir}"', "interval_seconds = 0.5"]
+    lines = [
+        f'lxc_path = "{lxc_path}"',
+        f'state_dir = "{state_dir}"',
+        f"interval_seconds = {interval_seconds}",
+    ]
     for table, values in base.items():
         lines.append(f"[{table}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
