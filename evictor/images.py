@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import xxhash
+
 from evictor.errors import CorruptImage, ImageError, LockBusy, NoImage
 from evictor.manifest import MANIFEST_NAME, ImageFile, Manifest, ManifestError
 from evictor.model import validate_container_name
@@ -60,11 +62,11 @@ def seal_file(path: Path) -> ImageFile:
     with open(path, "rb") as image_file:
         fd = image_file.fileno()
         os.fdatasync(fd)
-        digest = hashlib.file_digest(image_file, "sha256").hexdigest()
+        digest = hashlib.file_digest(image_file, xxhash.xxh3_128).hexdigest()
         size_bytes = os.fstat(fd).st_size
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.chmod(path, 0o600)
-    return ImageFile(name=path.name, size_bytes=size_bytes, sha256=digest)
+    return ImageFile(name=path.name, size_bytes=size_bytes, xxh3_128=digest)
 
 
 def verify_file(directory: Path, expected: ImageFile) -> str | None:
@@ -75,7 +77,7 @@ def verify_file(directory: Path, expected: ImageFile) -> str | None:
             size_bytes = os.fstat(image_file.fileno()).st_size
             if size_bytes != expected.size_bytes:
                 return f"{expected.name} is {size_bytes} bytes, expected {expected.size_bytes}"
-            if hashlib.file_digest(image_file, "sha256").hexdigest() != expected.sha256:
+            if hashlib.file_digest(image_file, xxhash.xxh3_128).hexdigest() != expected.xxh3_128:
                 return f"{expected.name} does not match its checksum"
     except FileNotFoundError:
         return f"{expected.name} is missing"

@@ -28,7 +28,9 @@ class ManifestError(ValueError):
 class ImageFile:
     name: str
     size_bytes: int
-    sha256: str
+    # XXH3-128 of the contents: catches corruption at memory speed (about 6x
+    # SHA-256 here); a root attacker could rewrite any checksum (docs/security.md).
+    xxh3_128: str
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -26,6 +26,7 @@ RUNNING_TIMEOUT_SECONDS = 30.0
 class Restoration:
     manifest: Manifest
     duration_seconds: float  # verification, restore and the wait for RUNNING
+    cleanup_seconds: float  # removing the image afterwards (freeing its page cache)
     evicted_seconds: float  # how long the container was evicted
 
 
@@ -65,11 +66,14 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
             )
             journal.set_state(name, Managed.FAILED, at=failed_at, reason=detail)
             raise
+        running_after = time.monotonic() - started
+        cleanup_started = time.monotonic()
         store.discard(name)
         journal.set_state(name, Managed.RUNNING, at=time.time(), reason="restored", drained=False)
     restoration = Restoration(
         manifest=manifest,
-        duration_seconds=time.monotonic() - started,
+        duration_seconds=running_after,
+        cleanup_seconds=time.monotonic() - cleanup_started,
         evicted_seconds=max(0.0, time.time() - manifest.evicted_at),
     )
     journal.record(

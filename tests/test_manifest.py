@@ -17,8 +17,8 @@ def make_manifest(**overrides: object) -> Manifest:
         memory_usage_bytes=300 << 20,
         dump_duration_seconds=1.25,
         files=(
-            ImageFile(name="pages-1.img", size_bytes=4096, sha256="ab" * 32),
-            ImageFile(name="inventory.img", size_bytes=86, sha256="cd" * 32),
+            ImageFile(name="pages-1.img", size_bytes=4096, xxh3_128="ab" * 16),
+            ImageFile(name="inventory.img", size_bytes=86, xxh3_128="cd" * 16),
         ),
         dump_stats=DumpStats(frozen_time_us=1000, pages_written=1),
     )
@@ -67,7 +67,7 @@ def test_malformed_manifests_are_rejected(text: str) -> None:
 
 @pytest.mark.parametrize("bad_name", ["../etc/passwd", "a/b", "manifest.json", ""])
 def test_file_names_that_escape_the_image_are_rejected(bad_name: str) -> None:
-    text = make_manifest(files=(ImageFile(name=bad_name, size_bytes=1, sha256="0"),)).to_json()
+    text = make_manifest(files=(ImageFile(name=bad_name, size_bytes=1, xxh3_128="0"),)).to_json()
     with pytest.raises(ManifestError, match="invalid file"):
         Manifest.from_json(text)
 
