@@ -134,7 +134,7 @@ def one_size(size_mib: int, runs: int) -> list[str]:
         " of usage | - |",
         f"| {size_mib} MiB | restore | {m['restore_s']:.2f} s to RUNNING, answers after"
         f" {m['restore_answer_s']:.2f} s more; then {m['restore_cleanup_s']:.2f} s removing the"
-        " image | lxc-checkpoint -r {m['raw_restore_s']:.2f} s,"
+        f" image | lxc-checkpoint -r {m['raw_restore_s']:.2f} s,"
         f" answers after {m['raw_restore_answer_s']:.2f} s more |"
         f" {m['restore_s'] / m['raw_restore_s']:.2f}x |",
     ]
