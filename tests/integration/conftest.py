@@ -20,10 +20,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from evictor import testbed
 from evictor.criu import check_criu
@@ -98,6 +100,33 @@ def workload(runtime: LxcRuntime) -> Iterator[WorkloadFactory]:
     for name in created:
         if runtime.exists(name):
             runtime.destroy(name)
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout_seconds: float = 90.0) -> object:
+    """Poll ``condition`` until it is truthy and return its value; fail the test on timeout."""
+    deadline = time.monotonic() + timeout_seconds
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+    return result
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The daemon's metrics over HTTP: {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def run_evictor(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        evictor_argv(*args), capture_output=True, text=True, check=False, timeout=600
+    )
 
 
 def free_port() -> int:

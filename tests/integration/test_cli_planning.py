@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from evictor.lxc_runtime import LxcRuntime
 
-from .conftest import WorkloadFactory
+from .conftest import WorkloadFactory, run_evictor
 
 
 def evictor(config: Path, state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    return subprocess.run(
-        ["evictor", "-c", str(config), "--state-dir", str(state_dir), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PATH": path},
-    )
+    return run_evictor("-c", str(config), "--state-dir", str(state_dir), *args)
 
 
 def test_status_plan_and_labels_under_a_budget(

@@ -6,12 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from evictor import testbed
 from evictor.images import ImageState, ImageStore
@@ -19,27 +17,17 @@ from evictor.journal import Journal, Managed
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerState
 
-from .conftest import DaemonProcess, WorkloadFactory, evictor_argv, free_port, write_config
+from .conftest import (
+    DaemonProcess,
+    WorkloadFactory,
+    free_port,
+    run_evictor,
+    scrape,
+    wait_until,
+    write_config,
+)
 
 MIB = 1 << 20
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_seconds: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_evicts_the_lowest_under_a_budget_and_restores_when_load_drops(
@@ -180,12 +168,7 @@ def test_make_room_evicts_lower_priority_containers(
             "rules": [{"match": important, "priority": 50}, {"match": peer, "priority": 50}]
         },
     )
-    result = subprocess.run(
-        evictor_argv("-c", str(config), "make-room", important, "--bytes", "100MiB"),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_evictor("-c", str(config), "make-room", important, "--bytes", "100MiB")
     assert result.returncode == 0, result.stderr
     # ~165 MiB used + 100 MiB expected > 250 MiB: the largest lower-priority one goes.
     assert f"evicted {large}" in result.stdout
@@ -194,12 +177,7 @@ def test_make_room_evicts_lower_priority_containers(
     assert runtime.state(peer) is ContainerState.RUNNING  # same priority as the target
     runtime.start(important)
     assert runtime.state(important) is ContainerState.RUNNING
-    again = subprocess.run(
-        evictor_argv("-c", str(config), "make-room", important),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    again = run_evictor("-c", str(config), "make-room", important)
     assert again.returncode == 2 and "has no memory limit" in again.stderr
 
 
@@ -225,9 +203,7 @@ def test_drain_then_daemon_restart_restores_everything(
     )
     running = daemon(config)
     running.wait_for_log("running: a tick every")
-    drained = subprocess.run(
-        evictor_argv("-c", str(config), "drain"), capture_output=True, text=True, check=False
-    )
+    drained = run_evictor("-c", str(config), "drain")
     assert drained.returncode == 0, drained.stderr
     assert f"left running (protected; --all drains them too): {protected}" in drained.stdout
     time.sleep(2)  # four ticks: the running daemon leaves drained containers alone
@@ -250,13 +226,7 @@ def test_drain_then_daemon_restart_restores_everything(
 
 
 def test_the_demo_runs_its_scenario_and_cleans_up(tmp_path: Path, test_lxc_path: Path) -> None:
-    result = subprocess.run(
-        evictor_argv("--state-dir", str(tmp_path), "demo", "--once", "--port", str(free_port())),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    result = run_evictor("--state-dir", str(tmp_path), "demo", "--once", "--port", str(free_port()))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for line in (
@@ -302,3 +272,28 @@ def test_the_lxc_pre_start_hook_makes_room(
     assert runtime.state(important) is ContainerState.RUNNING
     assert runtime.state(victim) is ContainerState.STOPPED
     assert ImageStore(tmp_path / "state/images").image_state(victim) is ImageState.COMMITTED
+
+
+def test_resume_restores_drained_containers_now(
+    runtime: LxcRuntime, workload: WorkloadFactory, tmp_path: Path
+) -> None:
+    low, high = workload(memory_mib=16), workload(memory_mib=16)
+    before = {n: testbed.wait_for_counter(runtime, n, above=0) for n in (low, high)}
+    config = write_config(
+        tmp_path / "evictor.toml",
+        runtime.lxc_path,
+        tmp_path / "state",
+        free_port(),
+        priorities={"rules": [{"match": high, "priority": 5}]},
+    )
+    assert run_evictor("-c", str(config), "drain").returncode == 0
+    assert runtime.state(low) is runtime.state(high) is ContainerState.STOPPED
+    resumed = run_evictor("-c", str(config), "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    lines = resumed.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"resumed {high}", f"resumed {low}"]
+    for name, status in before.items():
+        after = testbed.wait_for_counter(runtime, name, above=status.counter)
+        assert after.incarnation == status.incarnation
+    nothing = run_evictor("-c", str(config), "resume")
+    assert nothing.stdout.strip() == "nothing to resume: no drained containers"

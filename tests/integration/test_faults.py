@@ -33,18 +33,16 @@ from evictor.metrics import Metrics
 from evictor.model import ContainerState
 from evictor.ranking import Action, Decision, Plan, Trigger
 
-from .conftest import DaemonProcess, WorkloadFactory, evictor_argv, free_port, write_config
+from .conftest import (
+    DaemonProcess,
+    WorkloadFactory,
+    free_port,
+    run_evictor,
+    wait_until,
+    write_config,
+)
 
 MIB = 1 << 20
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout_seconds: float = 60.0) -> object:
-    deadline = time.monotonic() + timeout_seconds
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
-    return result
 
 
 def in_background(action: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
@@ -92,7 +90,7 @@ def test_criu_killed_mid_dump_leaves_the_container_running_and_counts_the_failur
     )
     thread, _ = in_background(lambda: daemon.act(plan))
     image_dir = engine.store.path(name)
-    criu_pid = wait_for(
+    criu_pid = wait_until(
         lambda: next(
             (
                 pid
@@ -103,7 +101,7 @@ def test_criu_killed_mid_dump_leaves_the_container_running_and_counts_the_failur
         ),
         "criu to start",
     )
-    wait_for(
+    wait_until(
         lambda: any(p.stat().st_size > 32 * MIB for p in image_dir.glob("pages-*.img")),
         "criu to write pages",
     )
@@ -148,7 +146,7 @@ def test_a_store_that_fills_up_during_the_dump_leaves_the_container_running(
     journal = Journal(tmp_path / "journal.db")
 
     def fill_once_the_dump_begins() -> None:
-        wait_for(lambda: store.path(name).is_dir(), "the image directory")
+        wait_until(lambda: store.path(name).is_dir(), "the image directory")
         filler = small_store / "filler"
         free = os.statvfs(small_store).f_bavail * os.statvfs(small_store).f_frsize
         with open(filler, "wb") as f:
@@ -209,11 +207,8 @@ def test_a_container_started_by_hand_while_evicted_is_never_restored_over(
     assert testbed.read_status(runtime, name).incarnation == fresh.incarnation  # type: ignore[union-attr]
     with pytest.raises(InvalidState, match="has a committed image"):
         checkpoint.evict(runtime, store, journal, name)
-    status = subprocess.run(
-        evictor_argv("-P", str(runtime.lxc_path), "--state-dir", str(store.root.parent), "status"),
-        capture_output=True,
-        text=True,
-        check=True,
+    status = run_evictor(
+        "-P", str(runtime.lxc_path), "--state-dir", str(store.root.parent), "status"
     ).stdout
     assert "stale image: started outside evictor after its eviction" in status
 
@@ -227,11 +222,8 @@ def test_a_container_deleted_while_evicted_is_reported_and_its_image_kept(
     with pytest.raises(ContainerNotFound):
         restore.restore(runtime, store, journal, name)
     assert store.image_state(name) is ImageState.COMMITTED
-    listed = subprocess.run(
-        evictor_argv("-P", str(runtime.lxc_path), "--state-dir", str(store.root.parent), "list"),
-        capture_output=True,
-        text=True,
-        check=True,
+    listed = run_evictor(
+        "-P", str(runtime.lxc_path), "--state-dir", str(store.root.parent), "list"
     ).stdout
     assert any(line.split()[:2] == [name, "MISSING"] for line in listed.splitlines())
 
@@ -248,13 +240,7 @@ def test_two_daemons_on_one_state_directory(
     )
     first = daemon(config)
     first.wait_for_log("running: a tick every")
-    second = subprocess.run(
-        evictor_argv("-c", str(config), "run"),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    second = run_evictor("-c", str(config), "run")
     assert second.returncode == 1
     assert f"another evictor daemon (pid {first.process.pid}) is running" in second.stderr  # type: ignore[union-attr]
     assert first.stop() == 0
@@ -265,14 +251,9 @@ def test_a_cli_eviction_during_another_one_fails_cleanly(
 ) -> None:
     name = workload(memory_mib=512)
     thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
-    wait_for(lambda: runtime.tools_using(store.path(name)), "the first dump")
-    second = subprocess.run(
-        evictor_argv(
-            "-P", str(runtime.lxc_path), "--state-dir", str(store.root.parent), "evict", name
-        ),
-        capture_output=True,
-        text=True,
-        check=False,
+    wait_until(lambda: runtime.tools_using(store.path(name)), "the first dump")
+    second = run_evictor(
+        "-P", str(runtime.lxc_path), "--state-dir", str(store.root.parent), "evict", name
     )
     thread.join(timeout=120)
     assert errors == []

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from evictor.config import AntiThrash
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerState
 
-from .conftest import DaemonProcess, WorkloadFactory, free_port, write_config
+from .conftest import DaemonProcess, WorkloadFactory, free_port, scrape, write_config
 
-OSCILLATION_SECONDS = 60.0
+OSCILLATION_SECONDS = 120.0
 TOGGLE_SECONDS = 3.0
 POLICY = AntiThrash(
     cooldown_seconds=4, backoff_factor=2, window_seconds=300, max_cooldown_seconds=60
@@ -116,16 +113,10 @@ def test_fifty_containers_under_a_budget(
         time.sleep(0.5)
 
     def tick_totals() -> tuple[float, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        samples = {
-            s.name: s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-            if s.name.startswith("evictor_tick_duration_seconds_")
-        }
-        return samples["evictor_tick_duration_seconds_sum"], (
-            samples["evictor_tick_duration_seconds_count"]
+        metrics = scrape(port)
+        return (
+            metrics[("evictor_tick_duration_seconds_sum", ())],
+            metrics[("evictor_tick_duration_seconds_count", ())],
         )
 
     time.sleep(3)  # let the evictions settle, then measure quiet ticks

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import psutil
 
 from evictor.lxc_runtime import LxcRuntime
 
-from .conftest import DaemonProcess, evictor_argv, free_port, write_config
+from .conftest import DaemonProcess, free_port, run_evictor, write_config
 
 
 def test_the_daemon_refuses_a_world_writable_config_or_state_dir(
@@ -20,25 +19,13 @@ def test_the_daemon_refuses_a_world_writable_config_or_state_dir(
     state = tmp_path / "state"
     config = write_config(tmp_path / "evictor.toml", runtime.lxc_path, state, free_port())
     os.chmod(config, 0o666)
-    refused = subprocess.run(
-        evictor_argv("-c", str(config), "run"),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    refused = run_evictor("-c", str(config), "run")
     assert refused.returncode == 1
     assert "config file" in refused.stderr and "writable by group or others" in refused.stderr
     os.chmod(config, 0o600)
     state.mkdir(mode=0o777)
     os.chmod(state, 0o777)
-    refused = subprocess.run(
-        evictor_argv("-c", str(config), "run"),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    refused = run_evictor("-c", str(config), "run")
     assert refused.returncode == 1 and "state directory" in refused.stderr
     assert not (state / "journal.db").exists()  # refused before touching anything
 
