@@ -48,13 +48,6 @@ class DumpStats:
     pages_written: int = 0
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RestoreStats:
-    forking_time_us: int = 0
-    restore_time_us: int = 0
-    pages_restored: int = 0
-
-
 _DUMP_FIELDS = {
     1: "freezing_time_us",
     2: "frozen_time_us",
@@ -63,7 +56,6 @@ _DUMP_FIELDS = {
     5: "pages_scanned",
     7: "pages_written",
 }
-_RESTORE_FIELDS = {3: "forking_time_us", 4: "restore_time_us", 5: "pages_restored"}
 # A stats file starts with two little-endian magics, CRIU's "service image" one
 # and the STATS one; the entry follows as a 32-bit length and a protobuf message.
 _IMG_SERVICE_MAGIC = 0x55105940
@@ -123,11 +115,6 @@ def _stats_entry(raw: bytes, field: int) -> dict[int, int | bytes]:
 def parse_dump_stats(raw: bytes) -> DumpStats:
     fields = _stats_entry(raw, 1)
     return DumpStats(**{name: int(fields.get(n, 0)) for n, name in _DUMP_FIELDS.items()})
-
-
-def parse_restore_stats(raw: bytes) -> RestoreStats:
-    fields = _stats_entry(raw, 2)
-    return RestoreStats(**{name: int(fields.get(n, 0)) for n, name in _RESTORE_FIELDS.items()})
 
 
 def check_criu(criu: str = "criu") -> None:

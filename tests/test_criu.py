@@ -36,13 +36,6 @@ def test_dump_stats_from_a_real_dump(fixtures: Path) -> None:
     )
 
 
-def test_restore_stats_from_a_real_restore(fixtures: Path) -> None:
-    stats = criu.parse_restore_stats((fixtures / "criu/stats-restore").read_bytes())
-    assert stats == criu.RestoreStats(
-        forking_time_us=775, restore_time_us=327063, pages_restored=16416
-    )
-
-
 @pytest.mark.parametrize(
     "raw",
     [b"", b"\x00" * 12, struct.pack("<III", 0x55105940, 0x57093306, 4) + b"\x0a\x02\x08"],
