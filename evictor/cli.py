@@ -276,9 +276,8 @@ def _pressure_lines(plan: Plan) -> list[str]:
 def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
     now = time.time()
     sample = engine.monitor.sample()
-    plan = engine.plan(sample, now, last_pressure_at=None)
-    priorities = engine.priorities(c.name for c in sample.containers)
-    histories = engine.histories(now)
+    assessment = engine.assess(sample, now, last_pressure_at=None)
+    plan, priorities, histories = assessment.plan, assessment.priorities, assessment.histories
     standing = {
         c.name: eligibility(
             c, priorities[c.name], histories.get(c.name, History()), engine.config, now
@@ -355,7 +354,7 @@ def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace, engine: Engine) -> int:
-    plan = engine.plan(engine.monitor.sample(), time.time(), last_pressure_at=None)
+    plan = engine.assess(engine.monitor.sample(), time.time(), last_pressure_at=None).plan
     if args.json:
         _print_json({**_jsonable(plan), "pressure": plan.pressure})
         return EXIT_OK

@@ -115,7 +115,8 @@ class Daemon:
         sample = engine.monitor.sample()
         managed = engine.journal.managed()
         held = frozenset(name for name, m in managed.items() if m.drained)
-        plan = engine.plan(sample, now, self.last_pressure_at, held)
+        assessment = engine.assess(sample, now, self.last_pressure_at, held)
+        plan = assessment.plan
         if plan.pressure:
             self.last_pressure_at = now
         store_size, store_free = engine.store.capacity()
@@ -123,7 +124,7 @@ class Daemon:
             Snapshot(
                 sample=sample,
                 plan=plan,
-                priorities=engine.priorities(c.name for c in sample.containers),
+                priorities=assessment.priorities,
                 managed={name: m.state.value for name, m in managed.items()},
                 images_bytes=sum(c.image_bytes or 0 for c in sample.containers),
                 store_size_bytes=store_size,

@@ -6,6 +6,7 @@ daemon see the same priorities, history and plan.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,13 @@ from evictor.journal import Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.monitor import DEFAULT_PROC_ROOT, Monitor, Sample
 from evictor.ranking import History, Plan, Priority, plan, resolve_priority
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Assessment:
+    plan: Plan
+    priorities: dict[str, Priority]
+    histories: dict[str, History]
 
 
 class Engine:
@@ -51,22 +59,30 @@ class Engine:
         )
         return self.journal.histories(since=now - horizon)
 
-    def plan(
+    def assess(
         self,
         sample: Sample,
         now: float,
         last_pressure_at: float | None,
         held: frozenset[str] = frozenset(),
-    ) -> Plan:
-        return plan(
-            host=sample.host,
-            containers=sample.containers,
-            priorities=self.priorities(c.name for c in sample.containers),
-            histories=self.histories(now),
-            config=self.config,
-            now=now,
-            last_pressure_at=last_pressure_at,
-            held=held,
+    ) -> Assessment:
+        """The plan for ``sample``, with the priorities and histories it was made from
+        (read from the journal once, for the plan and for whoever reports on it)."""
+        priorities = self.priorities(c.name for c in sample.containers)
+        histories = self.histories(now)
+        return Assessment(
+            plan=plan(
+                host=sample.host,
+                containers=sample.containers,
+                priorities=priorities,
+                histories=histories,
+                config=self.config,
+                now=now,
+                last_pressure_at=last_pressure_at,
+                held=held,
+            ),
+            priorities=priorities,
+            histories=histories,
         )
 
     def _has_journal(self) -> bool:
