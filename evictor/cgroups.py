@@ -120,7 +120,7 @@ def parse_pressure(text: str) -> Pressure:
 def read_pressure(path: Path) -> Pressure | None:
     try:
         return parse_pressure(path.read_text())
-    except (FileNotFoundError, OSError):
+    except OSError:
         # No PSI: kernel without CONFIG_PSI, psi=0, or a cgroup that has gone.
         return None
 

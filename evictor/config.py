@@ -305,6 +305,12 @@ def _triggers(table: _Table) -> Triggers:
     return triggers
 
 
+def _require_at_least(table: _Table, policy: object, maximum: str, minimum: str) -> None:
+    """A cap below the value it caps is an impossible combination."""
+    if getattr(policy, maximum) < getattr(policy, minimum):
+        raise ConfigError(f"{table.prefix}{maximum}: must be at least {table.prefix}{minimum}")
+
+
 def _restore(table: _Table) -> RestorePolicy:
     d = RestorePolicy()
     policy = RestorePolicy(
@@ -318,11 +324,7 @@ def _restore(table: _Table) -> RestorePolicy:
         ),
     )
     table.done()
-    if policy.max_failure_backoff_seconds < policy.failure_backoff_seconds:
-        raise ConfigError(
-            f"{table.prefix}max_failure_backoff_seconds: must be at least"
-            f" {table.prefix}failure_backoff_seconds"
-        )
+    _require_at_least(table, policy, "max_failure_backoff_seconds", "failure_backoff_seconds")
     return policy
 
 
@@ -339,10 +341,7 @@ def _antithrash(table: _Table) -> AntiThrash:
         max_cooldown_seconds=table.take("max_cooldown_seconds", _number, d.max_cooldown_seconds),
     )
     table.done()
-    if policy.max_cooldown_seconds < policy.cooldown_seconds:
-        raise ConfigError(
-            f"{table.prefix}max_cooldown_seconds: must be at least {table.prefix}cooldown_seconds"
-        )
+    _require_at_least(table, policy, "max_cooldown_seconds", "cooldown_seconds")
     return policy
 
 
