@@ -69,14 +69,25 @@ def seal_file(path: Path) -> ImageFile:
     return ImageFile(name=path.name, size_bytes=size_bytes, xxh3_128=digest)
 
 
-def verify_file(directory: Path, expected: ImageFile) -> str | None:
-    """Return why ``expected`` does not match the file on disk, or None if it does."""
+def is_memory_contents(file_name: str) -> bool:
+    """CRIU's page images: the memory contents, which CRIU copies into the
+    restored processes' memory and acts on in no other way."""
+    return file_name.startswith("pages-") and file_name.endswith(".img")
+
+
+def verify_file(directory: Path, expected: ImageFile, *, contents: bool = True) -> str | None:
+    """Return why ``expected`` does not match the file on disk, or None if it does.
+
+    With ``contents=False`` only the size is checked.
+    """
     path = directory / expected.name
     try:
         with open(path, "rb") as image_file:
             size_bytes = os.fstat(image_file.fileno()).st_size
             if size_bytes != expected.size_bytes:
                 return f"{expected.name} is {size_bytes} bytes, expected {expected.size_bytes}"
+            if not contents:
+                return None
             if hashlib.file_digest(image_file, xxhash.xxh3_128).hexdigest() != expected.xxh3_128:
                 return f"{expected.name} does not match its checksum"
     except FileNotFoundError:
@@ -189,6 +200,19 @@ class ImageStore:
 
         Raises CorruptImage naming the first problem; the image is left as it is.
         """
+        manifest = self.verify_metadata(container)
+        self.verify_memory(manifest)
+        return manifest
+
+    def verify_metadata(self, container: str) -> Manifest:
+        """Check the manifest, the file list, every file but the memory contents,
+        and the sizes of those.
+
+        These are what CRIU acts on while it restores (mounts, files, sockets,
+        process tree). The memory contents, of the right size, only fill the
+        restored processes' memory, so they can be checked while CRIU reads
+        them (restore.py); a truncated one would make CRIU's restored task spin.
+        """
         manifest = self.load(container)
         directory = self.path(container)
         listed = {f.name for f in manifest.files}
@@ -198,10 +222,21 @@ class ImageStore:
                     f"{container}: unexpected file {path.name} in image", container=container
                 )
         for image_file in manifest.files:
-            problem = verify_file(directory, image_file)
-            if problem:
-                raise CorruptImage(f"{container}: {problem}", container=container)
+            self._verify_file(
+                manifest, image_file, contents=not is_memory_contents(image_file.name)
+            )
         return manifest
+
+    def verify_memory(self, manifest: Manifest) -> None:
+        """Check the memory contents (``pages-*.img``) of a manifest's image."""
+        for image_file in manifest.files:
+            if is_memory_contents(image_file.name):
+                self._verify_file(manifest, image_file, contents=True)
+
+    def _verify_file(self, manifest: Manifest, image_file: ImageFile, *, contents: bool) -> None:
+        problem = verify_file(self.path(manifest.container), image_file, contents=contents)
+        if problem:
+            raise CorruptImage(f"{manifest.container}: {problem}", container=manifest.container)
 
     def discard(self, container: str) -> None:
         shutil.rmtree(self.path(container), ignore_errors=False)

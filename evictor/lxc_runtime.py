@@ -121,8 +121,13 @@ class LxcRuntime:
                 log_lines=lines,
             )
 
-    def restore(self, name: str, image_dir: Path) -> None:
-        """Restore the container from ``image_dir``, daemonized (``lxc-checkpoint -r -d``)."""
+    def restore(
+        self, name: str, image_dir: Path, environment: dict[str, str] | None = None
+    ) -> None:
+        """Restore the container from ``image_dir``, daemonized (``lxc-checkpoint -r -d``).
+
+        ``environment`` is added to the tool's (and so criu's) environment.
+        """
         self._container(name)
         result = self._run(
             [
@@ -135,7 +140,8 @@ class LxcRuntime:
                 "-d",
                 "-D",
                 str(image_dir),
-            ]
+            ],
+            environment,
         )
         if result.returncode != 0:
             lines = _failure_lines(image_dir / "restore.log", result)
@@ -189,7 +195,9 @@ class LxcRuntime:
             reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise EvictorError(f"{name}: {argv[0]} failed: {reason}", container=name)
 
-    def _run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, argv: list[str], environment: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command in its own process group, killing the group on timeout.
 
         Output goes to a file, not a pipe: a restored container's monitor
@@ -199,7 +207,12 @@ class LxcRuntime:
         log.debug("running %s", argv)
         with tempfile.TemporaryFile(mode="w+") as output:
             process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                start_new_session=True,
+                env={**os.environ, **environment} if environment else None,
             )
             timed_out = False
             try:

@@ -1,13 +1,17 @@
 """Restore one evicted container, running state intact.
 
-The image is verified against its manifest before CRIU sees it, and removed
-only once the container is RUNNING again; on any failure it stays as it was.
+The image is verified against its manifest before any restored process runs:
+everything but the memory contents before CRIU starts, the memory contents
+while CRIU reads them, with CRIU held at post-restore until they check out
+(restore_gate.py). The image is removed only once the container is RUNNING
+again; on any failure it stays as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 
 from evictor.errors import CorruptImage, InvalidState, RestoreFailed
@@ -16,6 +20,7 @@ from evictor.journal import Event, EventKind, Journal, Managed
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
 from evictor.model import ContainerState, validate_container_name
+from evictor.restore_gate import RestoreGate
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +54,7 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
             )
         journal.set_state(name, Managed.RESTORING, at=time.time())
         try:
-            store.verify(name)
-            runtime.restore(name, store.path(name))
+            _restore_verifying_memory(runtime, store, store.verify_metadata(name))
             if not runtime.wait_for_state(name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS):
                 raise RestoreFailed(
                     f"{name}: not RUNNING {RUNNING_TIMEOUT_SECONDS:g} s after CRIU restored it"
@@ -93,3 +97,37 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
         restoration.evicted_seconds,
     )
     return restoration
+
+
+def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: Manifest) -> None:
+    """Restore while the memory contents are hashed; CRIU waits for the verdict."""
+    name = manifest.container
+    problem: list[CorruptImage] = []
+
+    def verify_memory(gate: RestoreGate) -> None:
+        try:
+            store.verify_memory(manifest)
+        except CorruptImage as error:
+            problem.append(error)
+        finally:
+            gate.give_verdict(verified=not problem)
+
+    gate_dir = store.root / f".{name}.gate"
+    with RestoreGate(gate_dir, runtime.command_timeout_seconds) as gate:
+        verifier = threading.Thread(target=verify_memory, args=(gate,), name=f"verify {name}")
+        verifier.start()
+        try:
+            runtime.restore(name, store.path(name), gate.environment)
+        except RestoreFailed:
+            verifier.join()
+            if problem:
+                raise problem[0] from None
+            raise
+        verifier.join()
+        if not gate.was_consulted():
+            # CRIU ran without the gate (a system-wide CRIU config refusing
+            # action scripts?): the processes ran before the verdict.
+            log.warning("%s: CRIU restored without waiting for evictor's verification", name)
+            if problem:
+                runtime.stop(name)
+                raise problem[0]

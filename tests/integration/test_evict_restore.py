@@ -128,29 +128,58 @@ def test_restoring_without_an_image_fails_and_changes_nothing(
     assert runtime.state(name) is ContainerState.RUNNING
 
 
-def test_a_corrupted_image_is_refused_kept_and_still_restores_once_repaired(
-    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
-) -> None:
-    name = workload(memory_mib=32)
-    before = testbed.wait_for_counter(runtime, name, above=1)
-    checkpoint.evict(runtime, store, journal, name)
-    image_dir = store.path(name)
-    pages = max(image_dir.glob("pages-*.img"), key=lambda p: p.stat().st_size)
-    offset = pages.stat().st_size // 2
-    with open(pages, "r+b") as image_file:
+def flip_a_byte(path: Path) -> tuple[int, bytes]:
+    """Flip one bit in the middle of ``path``; return the offset and the original byte."""
+    offset = path.stat().st_size // 2
+    with open(path, "r+b") as image_file:
         image_file.seek(offset)
         original = image_file.read(1)
         image_file.seek(offset)
         image_file.write(bytes([original[0] ^ 0x01]))
-    snapshot = image_snapshot(image_dir)
+    return offset, original
 
-    with pytest.raises(CorruptImage, match=f"{pages.name} does not match its checksum"):
+
+@pytest.mark.parametrize("damaged", ["memory contents", "metadata"])
+def test_a_corrupted_image_is_refused_kept_and_still_restores_once_repaired(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    damaged: str,
+) -> None:
+    """Damaged metadata is refused before CRIU starts; damaged memory contents are
+    caught while CRIU reads them, and CRIU aborts at post-restore, before any
+    restored process runs (the workload's status file is not touched)."""
+    name = workload(memory_mib=32)
+    before = testbed.wait_for_counter(runtime, name, above=1)
+    checkpoint.evict(runtime, store, journal, name)
+    image_dir = store.path(name)
+    if damaged == "memory contents":
+        target = max(image_dir.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    else:
+        target = image_dir / "core-1.img"
+    offset, original = flip_a_byte(target)
+    snapshot = image_snapshot(image_dir)
+    status_file = runtime.lxc_path / name / "rootfs" / testbed.STATUS_PATH
+    status_before = (status_file.read_bytes(), status_file.stat().st_mtime_ns)
+
+    with pytest.raises(CorruptImage, match=f"{target.name} does not match its checksum"):
         restore.restore(runtime, store, journal, name)
 
     assert runtime.state(name) is ContainerState.STOPPED
-    assert image_snapshot(image_dir) == snapshot  # kept untouched for inspection
+    restore_log = image_dir / "restore.log"
+    if damaged == "memory contents":
+        # CRIU restored the processes, then aborted at evictor's gate before they ran.
+        assert "Aborting restore due to post-restore script" in restore_log.read_text()
+    else:
+        assert not restore_log.exists()  # CRIU never started
+    assert (status_file.read_bytes(), status_file.stat().st_mtime_ns) == status_before
+    kept = image_snapshot(image_dir)
+    assert {n: kept[n] for n in snapshot} == snapshot  # kept untouched for inspection
+    assert set(kept) - set(snapshot) <= {"restore.log", "stats-restore"}
+    assert not (store.root / f".{name}.gate").exists()
     assert journal.events()[-1].kind is EventKind.RESTORE_FAILED
-    with open(pages, "r+b") as image_file:
+    with open(target, "r+b") as image_file:
         image_file.seek(offset)
         image_file.write(original)
     restore.restore(runtime, store, journal, name)

@@ -320,7 +320,8 @@ def test_a_corrupt_image_raises_the_alert_metric_and_is_kept(
     engine = Engine(Config(lxc_path=runtime.lxc_path, state_dir=tmp_path / "state"))
     checkpoint.evict(engine.runtime, engine.store, engine.journal, name)
     pages = max(engine.store.path(name).glob("pages-*.img"), key=lambda p: p.stat().st_size)
-    os.truncate(pages, pages.stat().st_size - 4096)  # truncated
+    # Truncated: refused before CRIU starts (CRIU's restored task would spin on it).
+    os.truncate(pages, pages.stat().st_size - 4096)
     daemon = Daemon(engine, Metrics())
     daemon.act(
         Plan(
@@ -347,3 +348,4 @@ def test_a_corrupt_image_raises_the_alert_metric_and_is_kept(
     assert engine.store.image_state(name) is ImageState.COMMITTED
     assert engine.journal.managed()[name].state is Managed.FAILED
     assert runtime.state(name) is ContainerState.STOPPED
+    assert not (engine.store.path(name) / "restore.log").exists()
