@@ -7,6 +7,7 @@ are decoded here (see criu/images/stats.proto).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import struct
 import subprocess
@@ -117,13 +118,28 @@ def parse_dump_stats(raw: bytes) -> DumpStats:
     return DumpStats(**{name: int(fields.get(n, 0)) for n, name in _DUMP_FIELDS.items()})
 
 
+# Binaries, as (path, inode, mtime), that passed ``criu check`` in this process.
+_checked_binaries: set[tuple[str, int, int]] = set()
+
+
 def check_criu(criu: str = "criu") -> None:
-    """Raise PreflightError unless ``criu check`` passes on this kernel."""
-    if shutil.which(criu) is None:
+    """Raise PreflightError unless ``criu check`` passes on this kernel.
+
+    The check (about 70 ms) runs once per process for a given binary: the
+    kernel cannot change under a process, and a CRIU replaced meanwhile is
+    checked anew.
+    """
+    path = shutil.which(criu)
+    if path is None:
         raise PreflightError(f"{criu} not found: run scripts/setup.sh to install CRIU >= 4.2")
-    result = subprocess.run([criu, "check"], capture_output=True, text=True, check=False)
+    status = os.stat(path)
+    binary = (path, status.st_ino, status.st_mtime_ns)
+    if binary in _checked_binaries:
+        return
+    result = subprocess.run([path, "check"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         reason = (result.stderr or result.stdout).strip().splitlines()
         raise PreflightError(
             f"'criu check' fails on this kernel: {reason[-1] if reason else 'no output'}"
         )
+    _checked_binaries.add(binary)

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
 import pytest
 
 from evictor import criu
+from evictor.criu import check_criu
+from evictor.errors import PreflightError
 
 
 def test_log_errors_keeps_the_reason_and_drops_noise(fixtures: Path) -> None:
@@ -49,3 +52,37 @@ def test_malformed_stats_are_rejected(raw: bytes) -> None:
 def test_restore_stats_are_not_dump_stats(fixtures: Path) -> None:
     with pytest.raises(criu.StatsFormatError, match="missing"):
         criu.parse_dump_stats((fixtures / "criu/stats-restore").read_bytes())
+
+
+def fake_criu(directory: Path, exit_status: int) -> tuple[Path, Path]:
+    """A stand-in ``criu`` that counts its runs: a failing ``criu check`` cannot be made real."""
+    calls = directory / "calls"
+    binary = directory / "criu"
+    binary.write_text(
+        f"#!/bin/sh\necho run >> {calls}\necho 'Looks bad: no vdso' >&2\nexit {exit_status}\n"
+    )
+    binary.chmod(0o755)
+    return binary, calls
+
+
+def test_a_failing_criu_check_is_a_preflight_error_naming_criu_s_reason(tmp_path: Path) -> None:
+    binary, _ = fake_criu(tmp_path, exit_status=1)
+    with pytest.raises(PreflightError, match="'criu check' fails on this kernel: Looks bad"):
+        check_criu(str(binary))
+    with pytest.raises(PreflightError):  # a failure is never remembered as a pass
+        check_criu(str(binary))
+
+
+def test_criu_check_runs_once_per_binary(tmp_path: Path) -> None:
+    binary, calls = fake_criu(tmp_path, exit_status=0)
+    check_criu(str(binary))
+    check_criu(str(binary))
+    assert calls.read_text().count("run") == 1
+    os.utime(binary, ns=(0, 0))  # replaced (upgraded) meanwhile: checked anew
+    check_criu(str(binary))
+    assert calls.read_text().count("run") == 2
+
+
+def test_a_missing_criu_is_a_preflight_error(tmp_path: Path) -> None:
+    with pytest.raises(PreflightError, match="not found: run scripts/setup"):
+        check_criu(str(tmp_path / "criu"))
