@@ -42,10 +42,16 @@ class LxcRuntime:
         self.proc_root = proc_root
         self.cgroup_root = cgroup_root
         self.command_timeout_seconds = command_timeout_seconds
+        # liblxc handles, kept: making one parses the container's config (about
+        # as costly as the state and pid queries together); their queries are live.
+        self._handles: dict[str, lxc.Container] = {}
 
     def _container(self, name: str) -> lxc.Container:
-        container = lxc.Container(name, str(self.lxc_path))
+        container = self._handles.get(name)
+        if container is None:
+            container = self._handles[name] = lxc.Container(name, str(self.lxc_path))
         if not container.defined:
+            del self._handles[name]
             raise ContainerNotFound(f"{name}: no such container in {self.lxc_path}", container=name)
         return container
 
@@ -53,7 +59,10 @@ class LxcRuntime:
         """Every container defined in the LXC path, sorted."""
         if not self.lxc_path.is_dir():
             return []
-        return sorted(lxc.list_containers(config_path=str(self.lxc_path)))
+        names = sorted(lxc.list_containers(config_path=str(self.lxc_path)))
+        for gone in self._handles.keys() - set(names):
+            del self._handles[gone]
+        return names
 
     def exists(self, name: str) -> bool:
         return bool(lxc.Container(name, str(self.lxc_path)).defined)
