@@ -193,11 +193,13 @@ def _triggers(
         need = max(need, watermark_need)
     in_need: dict[str, float] = {}
     if t.important_psi_some_avg10 is not None:
-        threshold = t.important_psi_some_avg10
-        for sample in running:
-            stall = sample.pressure.some_avg10 if sample.pressure is not None else 0.0
-            if stall >= threshold and priorities[sample.name].value >= t.important_priority:
-                in_need[sample.name] = stall
+        threshold, important = t.important_psi_some_avg10, t.important_priority
+        in_need = {
+            s.name: stall
+            for s in running
+            if (stall := s.pressure.some_avg10 if s.pressure is not None else 0.0) >= threshold
+            and priorities[s.name].value >= important
+        }
     if in_need:
         worst = sorted(in_need, key=lambda n: (-in_need[n], n))
         listed = ", ".join(f"{n} ({in_need[n]:.1f}%)" for n in worst[:3])
@@ -290,31 +292,31 @@ def _choose_evictions(
     excluded: set[str],
     notes: list[str],
 ) -> tuple[Decision, ...]:
-    empty = History()
     # (priority, last checkpoint failed, -usage, name): names are unique, so the
     # tuples alone order the candidates. A heap pops the few needed without
     # sorting them all (hosts with thousands of containers evict a handful).
+    # This loop is the planner's cost on large hosts: most containers have no
+    # history, and take the short way.
     ranked: list[tuple[int, bool, int, str]] = []
     spared = []
     for sample in running:
-        priority = priorities[sample.name]
-        if priority.protected or sample.name in excluded or sample.stale_image:
+        name = sample.name
+        priority = priorities[name]
+        if priority.protected or sample.stale_image or name in excluded:
             continue
-        history = histories.get(sample.name, empty)
+        history = histories.get(name)
+        if history is None:
+            ranked.append((priority.value, False, -sample.usage_bytes, name))
+            continue
         if (
             not critical
             and history.last_restored_at is not None
             and _cooling_down(history, config.antithrash, now) is not None
         ):
-            spared.append(sample.name)
+            spared.append(name)
             continue
         ranked.append(
-            (
-                priority.value,
-                history.checkpoint_failure is not None,
-                -sample.usage_bytes,
-                sample.name,
-            )
+            (priority.value, history.checkpoint_failure is not None, -sample.usage_bytes, name)
         )
     if spared:
         spared.sort()
