@@ -16,14 +16,13 @@ Medians and ratios; memory freed is MemFree and Cached within 2 s of the command
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
-from bench.fleet import BENCH_ROOT, fleet
+from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, timed
 from evictor import checkpoint, restore, testbed
 from evictor.images import ImageStore
 from evictor.journal import Journal
@@ -31,19 +30,6 @@ from evictor.lxc_runtime import LxcRuntime
 from evictor.monitor import read_meminfo
 
 MIB = 1 << 20
-
-
-def flush_and_drop(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb") as image_file:
-            os.fdatasync(image_file.fileno())
-            os.posix_fadvise(image_file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def timed(action: object) -> float:
-    started = time.perf_counter()
-    action()  # type: ignore[operator]
-    return time.perf_counter() - started
 
 
 def dd_seconds(target: Path, megabytes: float) -> float:
@@ -56,7 +42,7 @@ def dd_seconds(target: Path, megabytes: float) -> float:
         f"count={int(megabytes * 1e6 / MIB)}",
         "conv=fdatasync",
     ]
-    seconds = timed(lambda: subprocess.run(argv, capture_output=True, check=True))
+    seconds = timed(subprocess.run, argv, capture_output=True, check=True)
     target.unlink()
     return seconds
 
@@ -108,13 +94,13 @@ def one_size(size_mib: int, runs: int) -> list[str]:
             raw_dir.mkdir(mode=0o700)
             usage = runtime.memory_usage_bytes(name) or 1
             before = read_meminfo()
-            bare = timed(lambda: runtime.checkpoint(name, raw_dir))
+            bare = timed(runtime.checkpoint, name, raw_dir)
             _, cached_bare = freed_fraction(before, usage)
             add("raw_dump_s", bare)
             add("raw_dump_cached", cached_bare)
-            add("raw_fair_s", bare + timed(lambda: flush_and_drop(raw_dir)))
+            add("raw_fair_s", bare + timed(flush_and_drop, raw_dir))
             frozen_counter = (testbed.read_status(runtime, name) or status).counter
-            add("raw_restore_s", timed(lambda: runtime.restore(name, raw_dir)))
+            add("raw_restore_s", timed(runtime.restore, name, raw_dir))
             add("raw_restore_answer_s", until_answers(runtime, name, frozen_counter))
             shutil.rmtree(raw_dir)
 

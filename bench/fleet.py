@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import statistics
 import time
@@ -35,6 +36,21 @@ def fleet(count: int, *, memory_mib: int = 1, prefix: str = "evb") -> Iterator[L
         for name in runtime.names():
             runtime.destroy(name)
         shutil.rmtree(BENCH_ROOT, ignore_errors=True)
+
+
+def timed(action: Callable[..., object], *args: object, **kwargs: object) -> float:
+    """Seconds ``action(*args, **kwargs)`` takes."""
+    started = time.perf_counter()
+    action(*args, **kwargs)
+    return time.perf_counter() - started
+
+
+def flush_and_drop(path: Path) -> None:
+    """Write a file back to disk and drop it from the page cache (a directory: each file)."""
+    for file_path in sorted(path.iterdir()) if path.is_dir() else [path]:
+        with open(file_path, "rb") as image_file:
+            os.fdatasync(image_file.fileno())
+            os.posix_fadvise(image_file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def median_seconds(action: Callable[[], object], runs: int) -> float:

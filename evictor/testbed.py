@@ -87,9 +87,11 @@ def create_workload_container(
     memory_mib: int,
     seed: int = 1,
     with_tty: bool = False,
+    compressible: bool = False,
     cache_dir: Path = DEFAULT_CACHE_DIR,
 ) -> None:
-    """Define (not start) a container whose init runs memhog holding ``memory_mib`` MiB."""
+    """Define (not start) a container whose init runs memhog holding ``memory_mib`` MiB
+    (of incompressible memory, unless ``compressible``)."""
     validate_container_name(name)
     container_dir = runtime.lxc_path / name
     rootfs = container_dir / "rootfs"
@@ -99,7 +101,8 @@ def create_workload_container(
     os.symlink("busybox", rootfs / "bin/sh")
     os.link(rootfs / "bin/busybox", rootfs / "sbin/init")
     shutil.copy2(memhog_binary(cache_dir), rootfs / "bin/memhog")
-    inittab = [f"::once:/bin/memhog {memory_mib} {seed} /{STATUS_PATH}"]
+    memhog = f"/bin/memhog {memory_mib} {seed} /{STATUS_PATH}"
+    inittab = [f"::once:{memhog} compressible" if compressible else f"::once:{memhog}"]
     if with_tty:
         inittab.append("tty1::respawn:/bin/sh")
     (rootfs / "etc/inittab").write_text("\n".join(inittab) + "\n")
