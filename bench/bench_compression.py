@@ -46,6 +46,8 @@ def one_kind(size_mib: int, runs: int, *, compressible: bool) -> list[str]:
             runtime, name, memory_mib=size_mib, compressible=compressible
         )
         for _ in range(runs):
+            # A fresh memhog each round: its first status line comes once its memory is full.
+            (runtime.lxc_path / name / "rootfs" / testbed.STATUS_PATH).unlink(missing_ok=True)
             runtime.start(name)
             testbed.wait_for_counter(runtime, name, above=0)
             image_dir = BENCH_ROOT / "image"

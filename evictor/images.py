@@ -6,6 +6,7 @@ Layout under the store root (default /var/lib/evictor/images, mode 0700)::
     NAME/manifest.json the commit point: written last, atomically
     .NAME.lock         flock held by whoever is evicting or restoring NAME
     .NAME.kept-NS      an image set aside after a failure, for the operator
+    .NAME.gate/        the restore gate while NAME is restored (restore_gate.py)
 """
 
 from __future__ import annotations
@@ -261,8 +262,13 @@ class ImageStore:
         if problem:
             raise CorruptImage(f"{manifest.container}: {problem}", container=manifest.container)
 
+    def gate_path(self, container: str) -> Path:
+        return self.root / f".{validate_container_name(container)}.gate"
+
     def discard(self, container: str) -> None:
+        """Remove the image, and the restore gate a killed evictor may have left."""
         shutil.rmtree(self.path(container), ignore_errors=False)
+        shutil.rmtree(self.gate_path(container), ignore_errors=True)
         _fsync_dir(self.root)
 
     def discard_partial(self, container: str) -> None:

@@ -112,8 +112,7 @@ def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: 
         finally:
             gate.give_verdict(verified=not problem)
 
-    gate_dir = store.root / f".{name}.gate"
-    with RestoreGate(gate_dir, runtime.command_timeout_seconds) as gate:
+    with RestoreGate(store.gate_path(name), runtime.command_timeout_seconds) as gate:
         verifier = threading.Thread(target=verify_memory, args=(gate,), name=f"verify {name}")
         verifier.start()
         try:

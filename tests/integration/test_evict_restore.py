@@ -177,7 +177,7 @@ def test_a_corrupted_image_is_refused_kept_and_still_restores_once_repaired(
     kept = image_snapshot(image_dir)
     assert {n: kept[n] for n in snapshot} == snapshot  # kept untouched for inspection
     assert set(kept) - set(snapshot) <= {"restore.log", "stats-restore"}
-    assert not (store.root / f".{name}.gate").exists()
+    assert not store.gate_path(name).exists()
     assert journal.events()[-1].kind is EventKind.RESTORE_FAILED
     with open(target, "r+b") as image_file:
         image_file.seek(offset)

@@ -36,6 +36,7 @@ from evictor.ranking import Action, Decision, Plan, Trigger
 from .conftest import (
     DaemonProcess,
     WorkloadFactory,
+    evictor_argv,
     free_port,
     run_evictor,
     wait_until,
@@ -296,6 +297,44 @@ def test_the_daemon_killed_at_each_step_loses_nothing(
     for name, before in counters.items():
         after = testbed.wait_for_counter(runtime, name, above=before.counter)
         assert after.incarnation == before.incarnation and after.errors == 0
+
+
+def test_evictor_killed_while_criu_restores_loses_nothing(
+    runtime: LxcRuntime, workload: WorkloadFactory, tmp_path: Path
+) -> None:
+    """``evictor restore`` SIGKILLed while CRIU restores and the memory contents are
+    being verified: CRIU's gate reads end-of-file instead of a verdict and aborts
+    (or, had the verdict been given, the restore completes). Either way the
+    container is RUNNING, or STOPPED with its committed image, which restores."""
+    state_dir = tmp_path / "state"
+    config = write_config(tmp_path / "evictor.toml", runtime.lxc_path, state_dir, free_port())
+    engine = Engine(Config(lxc_path=runtime.lxc_path, state_dir=state_dir))
+    name = workload(memory_mib=256)
+    before = testbed.wait_for_counter(runtime, name, above=0)
+    checkpoint.evict(engine.runtime, engine.store, engine.journal, name)
+    image_dir = engine.store.path(name)
+
+    restoring = subprocess.Popen(
+        [*evictor_argv("-c", str(config), "restore", name)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until(lambda: engine.runtime.tools_using(image_dir), "lxc-checkpoint to start")
+    restoring.kill()
+    restoring.wait()
+    wait_until(lambda: not engine.runtime.tools_using(image_dir), "CRIU to finish or abort")
+
+    reconcile.reconcile(engine.runtime, engine.store, engine.journal)
+    if runtime.state(name) is ContainerState.STOPPED:
+        assert "Aborting restore due to post-restore script" in (
+            (image_dir / "restore.log").read_text()
+        )
+        assert engine.journal.managed()[name].state is Managed.EVICTED
+        restore.restore(engine.runtime, engine.store, engine.journal, name)
+    assert engine.store.image_state(name) is ImageState.NONE
+    assert not engine.store.gate_path(name).exists()
+    after = testbed.wait_for_counter(runtime, name, above=before.counter)
+    assert after.incarnation == before.incarnation and after.errors == 0
 
 
 def test_restoring_an_image_evictor_did_not_write_is_refused(
