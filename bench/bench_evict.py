@@ -8,6 +8,7 @@ For each size, on the same container and filesystem, several rounds of:
     cache), then flushing and dropping the image (the fair baseline: the least the
     raw tools must do to really free the memory), then ``lxc-checkpoint -r -d``;
   - ``dd`` writing as many bytes with ``conv=fdatasync``.
+evictor and the raw tools take turns at going first.
 Medians and ratios; memory freed is MemFree and Cached within 2 s of the command.
 
     .venv/bin/python -m bench.bench_evict [--sizes-mib 256 1024] [--runs 3]
@@ -73,7 +74,8 @@ def one_size(size_mib: int, runs: int) -> list[str]:
         store = ImageStore(BENCH_ROOT / "images")
         journal = Journal(BENCH_ROOT / "journal.db")
         raw_dir = BENCH_ROOT / "raw"
-        for _ in range(runs):
+
+        def ours() -> None:
             usage = runtime.memory_usage_bytes(name) or 1
             status = testbed.wait_for_counter(runtime, name, above=0)
             before = read_meminfo()
@@ -90,9 +92,11 @@ def one_size(size_mib: int, runs: int) -> list[str]:
             add("restore_cleanup_s", restoration.cleanup_seconds)
             add("restore_answer_s", until_answers(runtime, name, frozen_counter))
 
+        def raw() -> None:
             shutil.rmtree(raw_dir, ignore_errors=True)
             raw_dir.mkdir(mode=0o700)
             usage = runtime.memory_usage_bytes(name) or 1
+            status = testbed.wait_for_counter(runtime, name, above=0)
             before = read_meminfo()
             bare = timed(runtime.checkpoint, name, raw_dir)
             _, cached_bare = freed_fraction(before, usage)
@@ -104,6 +108,10 @@ def one_size(size_mib: int, runs: int) -> list[str]:
             add("raw_restore_answer_s", until_answers(runtime, name, frozen_counter))
             shutil.rmtree(raw_dir)
 
+        for round_ in range(runs):
+            # Alternate who goes first, so neither always follows dd's write.
+            for side in (ours, raw) if round_ % 2 == 0 else (raw, ours):
+                side()
             add("dd_s", dd_seconds(BENCH_ROOT / "dd.bin", statistics.median(rows["image_mb"])))
         journal.close()
     m = {key: statistics.median(values) for key, values in rows.items()}
