@@ -17,7 +17,7 @@ command -v apt-get >/dev/null || die "apt-get not found: a Debian 12 machine is 
 
 export DEBIAN_FRONTEND=noninteractive
 bookworm_packages=(lxc lxc-dev lxc-templates busybox-static iptables gcc libc6-dev
-                   pkg-config python3-venv python3-dev procps util-linux)
+                   pkg-config python3-venv python3-dev procps util-linux zstd)
 missing=()
 for p in "${bookworm_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
