@@ -4,14 +4,17 @@ Verifying a 1 GiB image before CRIU reads it costs a full read from disk
 before the restore even starts. Instead, evictor checks everything but the
 memory contents first, then hashes the memory contents while CRIU restores
 from them. A CRIU action script, passed through ``CRIU_CONFIG_FILE`` (which
-``lxc-checkpoint``'s criu honours, PLATFORM.md), blocks at ``post-restore``:
-the restored processes' memory is loaded but none of their code has run. It
-succeeds only if evictor writes the verdict ``verified``; anything else (a bad
-checksum, evictor gone, the timeout) fails it, and CRIU then kills the restored
-tree and the container stays STOPPED with its image intact.
+``lxc-checkpoint``'s criu honours, PLATFORM.md), waits at ``post-restore``:
+the restored processes' memory is loaded but none of their code has run. (A
+failing ``pre-resume`` script is only logged; a failing ``post-restore`` one
+makes CRIU kill the restored tree.) The script succeeds only once evictor has
+written the verdict ``verified``; a rejection, evictor's death, or the timeout
+fails it, and the container stays STOPPED with its image intact.
 
-The script and config are fixed text; the verdict channel (a FIFO) is named to
-the script through the environment, never built into a shell string.
+The script polls for the verdict file every 10 ms and checks that evictor is
+still alive: a FIFO would block forever for a writer that was killed before
+it opened it. The script and config are fixed text; the paths and evictor's
+pid reach the script through the environment, never in a shell string.
 """
 
 from __future__ import annotations
@@ -25,26 +28,34 @@ GATE_SCRIPT = """#!/bin/sh
 # Written by evictor: hold the restored container at post-restore until
 # evictor has verified its memory contents (evictor/restore_gate.py).
 [ "$CRTOOLS_SCRIPT_ACTION" = post-restore ] || exit 0
-verdict=$(timeout "$EVICTOR_GATE_TIMEOUT_SECONDS" head -n 1 "$EVICTOR_GATE_FIFO")
-[ "$verdict" = verified ]
+: > "$EVICTOR_GATE_DIR/consulted" || exit 1
+polls=0
+until [ -s "$EVICTOR_GATE_DIR/verdict" ]; do
+    kill -0 "$EVICTOR_GATE_PID" 2>/dev/null || exit 1
+    [ -d "$EVICTOR_GATE_DIR" ] && [ "$polls" -lt "$EVICTOR_GATE_POLLS" ] || exit 1
+    sleep 0.01
+    polls=$((polls + 1))
+done
+[ "$(cat "$EVICTOR_GATE_DIR/verdict")" = verified ]
 """
 
 VERIFIED = "verified"
 REJECTED = "rejected"
+POLL_SECONDS = 0.01
 
 
 class RestoreGate:
     """The gate for one restore, in ``directory`` (created root-only, removed on exit).
 
-    The FIFO is held open read-write by evictor, so the script never blocks on
-    opening it while evictor lives, and reads end-of-file if evictor dies
-    before giving its verdict.
+    ``owner_pid`` is the process whose death fails the gate: evictor itself.
     """
 
-    def __init__(self, directory: Path, timeout_seconds: float) -> None:
+    def __init__(
+        self, directory: Path, timeout_seconds: float, owner_pid: int | None = None
+    ) -> None:
         self.directory = directory
         self.timeout_seconds = timeout_seconds
-        self._fifo_fd: int | None = None
+        self.owner_pid = os.getpid() if owner_pid is None else owner_pid
 
     def __enter__(self) -> RestoreGate:
         shutil.rmtree(self.directory, ignore_errors=True)  # left by a killed evictor
@@ -55,8 +66,6 @@ class RestoreGate:
         config = self.directory / "criu.conf"
         config.write_text(f"action-script {script}\n")
         config.chmod(0o600)
-        os.mkfifo(self.directory / "verdict", 0o600)
-        self._fifo_fd = os.open(self.directory / "verdict", os.O_RDWR | os.O_CLOEXEC)
         return self
 
     @property
@@ -64,23 +73,20 @@ class RestoreGate:
         """Variables to add to the restoring tool's environment."""
         return {
             "CRIU_CONFIG_FILE": str(self.directory / "criu.conf"),
-            "EVICTOR_GATE_FIFO": str(self.directory / "verdict"),
-            "EVICTOR_GATE_TIMEOUT_SECONDS": f"{self.timeout_seconds:g}",
+            "EVICTOR_GATE_DIR": str(self.directory),
+            "EVICTOR_GATE_PID": str(self.owner_pid),
+            "EVICTOR_GATE_POLLS": str(max(1, round(self.timeout_seconds / POLL_SECONDS))),
         }
 
     def give_verdict(self, verified: bool) -> None:
         """Let the restored processes run, or make CRIU abort the restore."""
-        assert self._fifo_fd is not None, "the gate is used outside its with block"
-        os.write(self._fifo_fd, f"{VERIFIED if verified else REJECTED}\n".encode())
+        temporary = self.directory / "verdict.tmp"
+        temporary.write_text(f"{VERIFIED if verified else REJECTED}\n")
+        os.replace(temporary, self.directory / "verdict")  # the script never sees half of it
 
     def was_consulted(self) -> bool:
-        """Whether the script read the verdict: call once CRIU has finished."""
-        assert self._fifo_fd is not None, "the gate is used outside its with block"
-        os.set_blocking(self._fifo_fd, False)
-        try:
-            return not os.read(self._fifo_fd, 64)
-        except BlockingIOError:
-            return True
+        """Whether CRIU ran the script at post-restore: call once CRIU has finished."""
+        return (self.directory / "consulted").exists()
 
     def __exit__(
         self,
@@ -88,7 +94,4 @@ class RestoreGate:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._fifo_fd is not None:
-            os.close(self._fifo_fd)
-            self._fifo_fd = None
         shutil.rmtree(self.directory, ignore_errors=True)
