@@ -303,7 +303,7 @@ def test_evictor_killed_while_criu_restores_loses_nothing(
     runtime: LxcRuntime, workload: WorkloadFactory, tmp_path: Path
 ) -> None:
     """``evictor restore`` SIGKILLed while CRIU restores and the memory contents are
-    being verified: CRIU's gate reads end-of-file instead of a verdict and aborts
+    being verified: CRIU's gate finds evictor gone instead of a verdict and aborts
     (or, had the verdict been given, the restore completes). Either way the
     container is RUNNING, or STOPPED with its committed image, which restores."""
     state_dir = tmp_path / "state"
