@@ -62,9 +62,15 @@ class _Gauges(Collector):
             "evictor_host_memory_total_bytes", "MemTotal", value=host.total_bytes
         )
         yield GaugeMetricFamily(
-            "evictor_host_memory_available_bytes", "MemAvailable", value=host.available_bytes
+            "evictor_host_memory_available_bytes",
+            "MemAvailable plus the per-CPU free lists",
+            value=host.available_bytes,
         )
-        yield GaugeMetricFamily("evictor_host_memory_free_bytes", "MemFree", value=host.free_bytes)
+        yield GaugeMetricFamily(
+            "evictor_host_memory_free_bytes",
+            "MemFree plus the per-CPU free lists",
+            value=host.free_bytes,
+        )
         yield GaugeMetricFamily("evictor_host_page_cache_bytes", "Cached", value=host.cached_bytes)
         psi = GaugeMetricFamily(
             "evictor_host_memory_pressure_ratio",

@@ -50,7 +50,9 @@ class Pressure:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HostSample:
     total_bytes: int
-    available_bytes: int  # MemAvailable: what can be allocated without swapping
+    # MemAvailable (what can be allocated without swapping) and MemFree, each
+    # plus the per-CPU free lists, which the kernel leaves out of both (monitor.py)
+    available_bytes: int
     free_bytes: int
     cached_bytes: int  # the page cache
     swap_total_bytes: int

@@ -116,13 +116,14 @@ def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: 
         verifier = threading.Thread(target=verify_memory, args=(gate,), name=f"verify {name}")
         verifier.start()
         try:
-            runtime.restore(name, store.path(name), gate.environment)
+            try:
+                runtime.restore(name, store.path(name), gate.environment)
+            finally:
+                verifier.join()  # never leave it writing into a removed gate
         except RestoreFailed:
-            verifier.join()
             if problem:
                 raise problem[0] from None
             raise
-        verifier.join()
         if not gate.was_consulted():
             # CRIU ran without the gate (a system-wide CRIU config refusing
             # action scripts?): the processes ran before the verdict.
