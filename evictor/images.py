@@ -224,20 +224,21 @@ class ImageStore:
 
         Raises CorruptImage naming the first problem; the image is left as it is.
         """
-        manifest = self.verify_metadata(container)
+        manifest = self.load(container)
+        self.verify_metadata(manifest)
         self.verify_memory(manifest)
         return manifest
 
-    def verify_metadata(self, container: str) -> Manifest:
-        """Check the manifest, the file list, every file but the memory contents,
-        and the sizes of those.
+    def verify_metadata(self, manifest: Manifest) -> None:
+        """Check a loaded manifest's file list, every file but the memory
+        contents, and the sizes of those.
 
         These are what CRIU acts on while it restores (mounts, files, sockets,
         process tree). The memory contents, of the right size, only fill the
         restored processes' memory, so they can be checked while CRIU reads
         them (restore.py); a truncated one would make CRIU's restored task spin.
         """
-        manifest = self.load(container)
+        container = manifest.container
         directory = self.path(container)
         listed = {f.name for f in manifest.files}
         for path in directory.iterdir():
@@ -249,7 +250,6 @@ class ImageStore:
             self._verify_file(
                 manifest, image_file, contents=not is_memory_contents(image_file.name)
             )
-        return manifest
 
     def verify_memory(self, manifest: Manifest) -> None:
         """Check the memory contents (``pages-*.img``) of a manifest's image."""

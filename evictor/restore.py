@@ -54,7 +54,8 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
             )
         journal.set_state(name, Managed.RESTORING, at=time.time())
         try:
-            _restore_verifying_memory(runtime, store, store.verify_metadata(name))
+            store.verify_metadata(manifest)
+            _restore_verifying_memory(runtime, store, manifest)
             if not runtime.wait_for_state(name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS):
                 raise RestoreFailed(
                     f"{name}: not RUNNING {RUNNING_TIMEOUT_SECONDS:g} s after CRIU restored it"

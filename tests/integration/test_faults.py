@@ -315,7 +315,7 @@ def test_evictor_killed_while_criu_restores_loses_nothing(
     image_dir = engine.store.path(name)
 
     restoring = subprocess.Popen(
-        [*evictor_argv("-c", str(config), "restore", name)],
+        evictor_argv("-c", str(config), "restore", name),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
