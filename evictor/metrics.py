@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from evictor.config import Metrics as MetricsConfig
 from evictor.monitor import Sample
-from evictor.ranking import Plan, Priority
+from evictor.ranking import Plan, Priority, TriggerKind
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 # evictor's own states that say more than LXC's (which shows them STOPPED or RUNNING)
 _IN_FLIGHT_OR_FAILED = ("EVICTING", "RESTORING", "FAILED")
 _BYTES_BUCKETS = tuple(float(1 << n) for n in range(20, 38, 2))  # 1 MiB .. 64 GiB
+# The causes of the daemon's own evictions (make-room runs in the CLI)
+_DAEMON_CAUSES = tuple(kind.value for kind in TriggerKind if kind is not TriggerKind.MAKE_ROOM)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -192,9 +194,23 @@ class Metrics:
         )
         self._gauges = _Gauges()
         r.register(self._gauges)
+        self._known: set[str] = set()  # containers whose failure series exist
 
     def update(self, snapshot: Snapshot) -> None:
         self._gauges.update(snapshot)
+        for container in snapshot.sample.containers:
+            if container.name not in self._known:
+                self._known.add(container.name)
+                self._start_failure_series(container.name)
+
+    def _start_failure_series(self, container: str) -> None:
+        """Show a container's failure counters at 0 from the first tick that sees it:
+        a series that is born at 1 is invisible to ``increase()`` until its second
+        sample, and a first failure would raise no alert."""
+        for cause in _DAEMON_CAUSES:
+            self.evictions.labels(container=container, result="failure", cause=cause)
+        self.restores.labels(container=container, result="failure")
+        self.image_rejections.labels(container=container)
 
     def serve(self, config: MetricsConfig) -> WSGIServer | None:
         """Serve /metrics on the configured address; None when metrics are off."""

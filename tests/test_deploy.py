@@ -10,10 +10,9 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from evictor.metrics import Metrics, Snapshot
-from evictor.model import ContainerSample, ContainerState, HostSample, Pressure
-from evictor.monitor import Sample
-from evictor.ranking import Plan, Priority
+from evictor.metrics import Metrics
+
+from .test_metrics import snapshot
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
@@ -24,43 +23,7 @@ DASHBOARD = DEPLOY / "grafana/evictor-dashboard.json"
 def exposed_names() -> set[str]:
     """Every sample name evictor exposes once each metric has seen one event."""
     metrics = Metrics()
-    host = HostSample(
-        total_bytes=8,
-        available_bytes=4,
-        free_bytes=2,
-        cached_bytes=1,
-        swap_total_bytes=0,
-        swap_free_bytes=0,
-        pressure=Pressure(),
-    )
-    sample = Sample(
-        host=host,
-        containers=(
-            ContainerSample(name="a", state=ContainerState.RUNNING, usage_bytes=1),
-            ContainerSample(
-                name="b",
-                state=ContainerState.STOPPED,
-                evicted=True,
-                evicted_usage_bytes=1,
-                image_bytes=1,
-                evicted_at=1.0,
-            ),
-        ),
-    )
-    plan = Plan(
-        triggers=(), critical=False, reclaim_target_bytes=0, evictions=(), restores=(), notes=()
-    )
-    metrics.update(
-        Snapshot(
-            sample=sample,
-            plan=plan,
-            priorities={"a": Priority(value=1, protected=False, source="default")},
-            managed={},
-            images_bytes=1,
-            store_size_bytes=10,
-            store_free_bytes=5,
-        )
-    )
+    metrics.update(snapshot())
     metrics.evictions.labels(container="a", result="success", cause="budget").inc()
     metrics.restores.labels(container="a", result="success").inc()
     metrics.errors.labels(kind="tick").inc()

@@ -1,0 +1,80 @@
+"""Prometheus metrics: the gauges follow the latest snapshot; failure series start at 0."""
+
+from __future__ import annotations
+
+from evictor.metrics import Metrics, Snapshot
+from evictor.model import ContainerSample, ContainerState, HostSample, Pressure
+from evictor.monitor import Sample
+from evictor.ranking import Plan, Priority
+
+
+def snapshot(*names: str) -> Snapshot:
+    """The daemon's view of a host with a running container "a", an evicted "b", and
+    running ``names``."""
+    host = HostSample(
+        total_bytes=8,
+        available_bytes=4,
+        free_bytes=2,
+        cached_bytes=1,
+        swap_total_bytes=0,
+        swap_free_bytes=0,
+        pressure=Pressure(),
+    )
+    containers = (
+        ContainerSample(name="a", state=ContainerState.RUNNING, usage_bytes=1),
+        ContainerSample(
+            name="b",
+            state=ContainerState.STOPPED,
+            evicted=True,
+            evicted_usage_bytes=1,
+            image_bytes=1,
+            evicted_at=1.0,
+        ),
+        *(ContainerSample(name=n, state=ContainerState.RUNNING, usage_bytes=2) for n in names),
+    )
+    return Snapshot(
+        sample=Sample(host=host, containers=containers),
+        plan=Plan(
+            triggers=(),
+            critical=False,
+            reclaim_target_bytes=0,
+            evictions=(),
+            standby=(),
+            restores=(),
+            notes=(),
+        ),
+        priorities={"a": Priority(value=1, protected=False, source="default")},
+        managed={},
+        images_bytes=1,
+        store_size_bytes=10,
+        store_free_bytes=5,
+    )
+
+
+def test_failure_series_start_at_zero_for_every_container_seen() -> None:
+    """A series born at 1 is invisible to increase(): a first failure must count."""
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    metrics.update(snapshot())
+    for name in ("a", "b"):
+        for cause in ("low_watermark", "host_psi", "important_psi", "budget"):
+            labels = {"container": name, "result": "failure", "cause": cause}
+            assert value("evictor_evictions_total", labels) == 0
+        assert value("evictor_restores_total", {"container": name, "result": "failure"}) == 0
+        assert value("evictor_image_rejections_total", {"container": name}) == 0
+    assert value("evictor_restores_total", {"container": "c", "result": "failure"}) is None
+    metrics.update(snapshot("c"))  # a container that appears later gets them too
+    assert value("evictor_restores_total", {"container": "c", "result": "failure"}) == 0
+
+
+def test_gauges_follow_the_latest_snapshot() -> None:
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    assert value("evictor_host_memory_total_bytes") is None  # nothing sampled yet
+    metrics.update(snapshot("c"))
+    assert value("evictor_host_memory_available_bytes") == 4
+    assert value("evictor_container_memory_usage_bytes", {"container": "c"}) == 2
+    assert value("evictor_container_state", {"container": "b", "state": "EVICTED"}) == 1
+    assert value("evictor_container_evicted_memory_bytes", {"container": "b"}) == 1
+    metrics.update(snapshot())  # "c" is gone: so are its gauges
+    assert value("evictor_container_memory_usage_bytes", {"container": "c"}) is None
