@@ -82,7 +82,7 @@ def evict(
     """Checkpoint ``name`` to the image store and stop it; raise EvictorError on failure.
 
     A failure of the checkpoint itself (not of the preflight) is recorded in the
-    journal, so that the planner ranks the container last next time.
+    journal, so that the planner backs off and then ranks the container last.
     """
     validate_container_name(name)
     started = time.monotonic()
@@ -125,6 +125,8 @@ def evict(
                     at=time.time(),
                     kind=EventKind.EVICT_FAILED,
                     detail=str(failure).removeprefix(f"{name}: "),
+                    persistent=failure.persistent,
+                    config_digest=runtime.config_digest(name),
                 )
             )
             if failure is error:

@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -297,6 +298,7 @@ def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
                         "priority_source": priorities[c.name].source,
                         "protected": priorities[c.name].protected,
                         "eligibility": standing[c.name],
+                        "checkpoint_failure": histories.get(c.name, History()).checkpoint_failure,
                     }
                     for c in sample.containers
                 ],
@@ -367,6 +369,8 @@ def _cmd_plan(args: argparse.Namespace, engine: Engine) -> int:
         )
     for decision in (*plan.evictions, *plan.restores):
         print(f"{decision.action.value} {decision.container}: {decision.reason}")
+    for decision in plan.standby:
+        print(f"standby {decision.container}: {decision.reason}")
     for note in plan.notes:
         print(f"note: {note}")
     if not plan.evictions and not plan.restores:
@@ -423,20 +427,14 @@ def _cmd_make_room(args: argparse.Namespace, engine: Engine) -> int:
     )
     print(f"{plan.triggers[0]}; reclaiming {format_bytes(plan.reclaim_target_bytes)}")
     evicted = 0
-    for decision in plan.evictions:
-        try:
-            checkpoint.evict(
-                engine.runtime,
-                engine.store,
-                engine.journal,
-                decision.container,
-                reason=f"make room for {name}",
-            )
-        except EvictorError as error:
-            _report(error)
+    for outcome in engine.evict_in_turn(
+        plan, reason=lambda _: f"make room for {name}", stopping=threading.Event()
+    ):
+        if outcome.error is not None:
+            _report(outcome.error)
             continue
-        evicted += decision.size_bytes
-        print(f"evicted {decision.container}: {decision.reason}")
+        evicted += outcome.decision.size_bytes
+        print(f"evicted {outcome.decision.container}: {outcome.decision.reason}")
     for note in plan.notes:
         print(f"note: {note}")
     return EXIT_OK if evicted >= plan.reclaim_target_bytes else EXIT_FAILED

@@ -94,6 +94,14 @@ class RestorePolicy:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EvictPolicy:
+    """How long a container whose checkpoint failed is left alone (doubling per failure)."""
+
+    failure_backoff_seconds: float = 60.0
+    max_failure_backoff_seconds: float = 3600.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AntiThrash:
     cooldown_seconds: float = 300.0
     backoff_factor: float = 2.0
@@ -120,6 +128,7 @@ class Config:
     state_dir: Path = Path("/var/lib/evictor")
     interval_seconds: float = 1.0
     triggers: Triggers = Triggers()
+    evict: EvictPolicy = EvictPolicy()
     restore: RestorePolicy = RestorePolicy()
     antithrash: AntiThrash = AntiThrash()
     priorities: Priorities = Priorities()
@@ -328,6 +337,21 @@ def _restore(table: _Table) -> RestorePolicy:
     return policy
 
 
+def _evict(table: _Table) -> EvictPolicy:
+    d = EvictPolicy()
+    policy = EvictPolicy(
+        failure_backoff_seconds=table.take(
+            "failure_backoff_seconds", _positive, d.failure_backoff_seconds
+        ),
+        max_failure_backoff_seconds=table.take(
+            "max_failure_backoff_seconds", _positive, d.max_failure_backoff_seconds
+        ),
+    )
+    table.done()
+    _require_at_least(table, policy, "max_failure_backoff_seconds", "failure_backoff_seconds")
+    return policy
+
+
 def _antithrash(table: _Table) -> AntiThrash:
     d = AntiThrash()
     policy = AntiThrash(
@@ -400,6 +424,7 @@ def parse_config(document: dict[str, Any]) -> Config:
             d.interval_seconds,
         ),
         triggers=_triggers(top.table("triggers")),
+        evict=_evict(top.table("evict")),
         restore=_restore(top.table("restore")),
         antithrash=_antithrash(top.table("antithrash")),
         priorities=_priorities(top.table("priorities")),

@@ -18,6 +18,15 @@ from evictor.errors import PreflightError
 # CRIU cannot raise its own RLIMIT_NOFILE; it is harmless, never the reason.
 _HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
 _SUMMARY_ERRORS = ("Dumping FAILED.", "Restoring FAILED.")
+# Causes that come from the moment, not from the container: the next dump may work.
+_PASSING_CAUSES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Cannot allocate memory",
+    "Input/output error",
+    "Interrupted system call",
+    "Resource temporarily unavailable",
+)
 
 
 def log_errors(log_text: str, *, most: int = 3) -> tuple[str, ...]:
@@ -35,6 +44,15 @@ def log_errors(log_text: str, *, most: int = 3) -> tuple[str, ...]:
             continue
         lines.append(line)
     return tuple(lines[-most:])
+
+
+def cause_persists(error_lines: tuple[str, ...]) -> bool:
+    """Whether CRIU's error lines name a cause in the container (a tty, an fd it
+    cannot dump), which fails every dump until the container changes. No lines
+    (CRIU killed or timed out) or a passing cause (a full disk): False."""
+    return bool(error_lines) and not any(
+        cause in line for line in error_lines for cause in _PASSING_CAUSES
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

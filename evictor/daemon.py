@@ -21,12 +21,12 @@ from wsgiref.simple_server import WSGIServer
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from evictor import checkpoint, criu, restore
+from evictor import criu, restore
 from evictor.config import describe
 from evictor.engine import Engine
 from evictor.errors import EvictorError, ImageError, LockBusy
 from evictor.metrics import Metrics, Snapshot
-from evictor.ranking import Plan
+from evictor.ranking import Decision, Plan
 from evictor.reconcile import reconcile
 
 log = logging.getLogger(__name__)
@@ -135,32 +135,24 @@ class Daemon:
 
     def act(self, plan: Plan) -> None:
         """Carry out the plan's evictions and restores, stopping early when asked to."""
-        cause = plan.triggers[0].kind if plan.triggers else "none"
-        for decision in plan.evictions:
-            if self.stopping.is_set():
-                return
-            reason = f"{plan.triggers[0]}: {decision.reason}" if plan.triggers else decision.reason
-            try:
-                eviction = checkpoint.evict(
-                    self.engine.runtime,
-                    self.engine.store,
-                    self.engine.journal,
-                    decision.container,
-                    reason=reason,
-                )
-            except EvictorError as error:
-                log.error("eviction of %s failed: %s", decision.container, error)
-                self.metrics.evictions.labels(
-                    container=decision.container, result="failure", cause=cause
-                ).inc()
-                self.metrics.errors.labels(kind=type(error).__name__).inc()
+        cause = plan.triggers[0].kind.value if plan.triggers else "none"
+
+        def reason(decision: Decision) -> str:
+            return f"{plan.triggers[0]}: {decision.reason}" if plan.triggers else decision.reason
+
+        for outcome in self.engine.evict_in_turn(plan, reason=reason, stopping=self.stopping):
+            name = outcome.decision.container
+            if outcome.error is not None:
+                log.error("eviction of %s failed: %s", name, outcome.error)
+                self.metrics.evictions.labels(container=name, result="failure", cause=cause).inc()
+                self.metrics.errors.labels(kind=type(outcome.error).__name__).inc()
                 continue
-            self.metrics.evictions.labels(
-                container=decision.container, result="success", cause=cause
-            ).inc()
-            self.metrics.checkpoint_seconds.observe(eviction.duration_seconds)
-            self.metrics.frozen_seconds.observe(eviction.manifest.dump_stats.frozen_time_us / 1e6)
-            self.metrics.image_bytes.observe(eviction.manifest.image_bytes)
+            assert outcome.eviction is not None
+            self.metrics.evictions.labels(container=name, result="success", cause=cause).inc()
+            self.metrics.checkpoint_seconds.observe(outcome.eviction.duration_seconds)
+            manifest = outcome.eviction.manifest
+            self.metrics.frozen_seconds.observe(manifest.dump_stats.frozen_time_us / 1e6)
+            self.metrics.image_bytes.observe(manifest.image_bytes)
         for decision in plan.restores:
             if self.stopping.is_set():
                 return

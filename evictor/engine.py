@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from evictor import checkpoint
 from evictor.config import Config
+from evictor.errors import EvictorError
 from evictor.images import ImageStore
 from evictor.journal import Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.monitor import DEFAULT_PROC_ROOT, Monitor, Sample
-from evictor.ranking import History, Plan, Priority, plan, resolve_priority
+from evictor.ranking import Decision, History, Plan, Priority, plan, resolve_priority
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,6 +27,15 @@ class Assessment:
     plan: Plan
     priorities: dict[str, Priority]
     histories: dict[str, History]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvictionOutcome:
+    """One planned eviction, done (``eviction``) or failed (``error``)."""
+
+    decision: Decision
+    eviction: checkpoint.Eviction | None = None
+    error: EvictorError | None = None
 
 
 class Engine:
@@ -52,12 +64,35 @@ class Engine:
         if not self._has_journal():
             return {}
         c = self.config
-        horizon = max(
-            c.antithrash.window_seconds,
-            c.antithrash.max_cooldown_seconds,
-            c.restore.max_failure_backoff_seconds,
-        )
+        horizon = max(c.antithrash.window_seconds, c.antithrash.max_cooldown_seconds)
         return self.journal.histories(since=now - horizon)
+
+    def evict_in_turn(
+        self, plan: Plan, *, reason: Callable[[Decision], str], stopping: threading.Event
+    ) -> Iterator[EvictionOutcome]:
+        """Evict the plan's candidates in turn until its reclaim target is met.
+
+        An eviction that fails is made up for by the next candidate, from the
+        plan's standby list when its own are used up. Yields each outcome as it
+        happens; stops early when ``stopping`` is set.
+        """
+        evicted_bytes = 0
+        for decision in (*plan.evictions, *plan.standby):
+            if evicted_bytes >= plan.reclaim_target_bytes or stopping.is_set():
+                return
+            try:
+                eviction = checkpoint.evict(
+                    self.runtime,
+                    self.store,
+                    self.journal,
+                    decision.container,
+                    reason=reason(decision),
+                )
+            except EvictorError as error:
+                yield EvictionOutcome(decision=decision, error=error)
+                continue
+            evicted_bytes += decision.size_bytes
+            yield EvictionOutcome(decision=decision, eviction=eviction)
 
     def assess(
         self,

@@ -52,7 +52,9 @@ class RuntimeFailure(EvictorError):
     """A checkpoint or restore step failed.
 
     ``phase`` names the step (``dump``, ``seal``, ``commit``, ``restore``,
-    ``wait``); ``log_lines`` are the relevant lines of CRIU's log.
+    ``wait``); ``log_lines`` are the relevant lines of CRIU's log;
+    ``persistent`` says the cause lies in the container (CRIU cannot dump one
+    of its ttys or fds), so every attempt will fail until the container changes.
     """
 
     def __init__(
@@ -62,10 +64,12 @@ class RuntimeFailure(EvictorError):
         container: str,
         phase: str,
         log_lines: tuple[str, ...] = (),
+        persistent: bool = False,
     ) -> None:
         super().__init__(message, container=container)
         self.phase = phase
         self.log_lines = log_lines
+        self.persistent = persistent
 
 
 class CheckpointFailed(RuntimeFailure):

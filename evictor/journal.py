@@ -13,8 +13,9 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from evictor.ranking import History, Label
+from evictor.ranking import CheckpointFailure, History, Label
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (
@@ -32,6 +33,7 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
+CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, container);
 CREATE TABLE IF NOT EXISTS containers (
     container TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -40,6 +42,16 @@ CREATE TABLE IF NOT EXISTS containers (
     drained INTEGER NOT NULL DEFAULT 0
 );
 """
+# Columns added since the first schema, with their definitions: added to a
+# journal written by an older evictor when it is opened.
+_ADDED_COLUMNS = {
+    "events": {
+        # a failed checkpoint's cause cannot pass by itself (a tty, an unsupported fd)
+        "persistent": "INTEGER NOT NULL DEFAULT 0",
+        # the container's LXC config when its checkpoint failed
+        "config_digest": "TEXT",
+    },
+}
 
 
 class Managed(enum.Enum):
@@ -80,6 +92,8 @@ class Event:
     size_bytes: int | None = None
     duration_seconds: float | None = None
     detail: str = ""
+    persistent: bool = False  # EVICT_FAILED: the cause cannot pass by itself
+    config_digest: str | None = None  # EVICT_FAILED: the container's LXC config then
 
 
 class Journal:
@@ -94,6 +108,11 @@ class Journal:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, definition in columns.items():
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         self._db.close()
@@ -186,8 +205,8 @@ class Journal:
     def record(self, event: Event) -> None:
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO events (container, at, kind, size_bytes, duration_seconds, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO events (container, at, kind, size_bytes, duration_seconds, detail,"
+                " persistent, config_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     event.container,
                     event.at,
@@ -195,51 +214,84 @@ class Journal:
                     event.size_bytes,
                     event.duration_seconds,
                     event.detail,
+                    int(event.persistent),
+                    event.config_digest,
                 ),
             )
 
     def events(self, *, container: str | None = None, since: float = 0.0) -> list[Event]:
-        query = (
-            "SELECT container, at, kind, size_bytes, duration_seconds, detail FROM events"
-            " WHERE at >= ?"
-        )
+        query = f"SELECT {_EVENT_COLUMNS} FROM events WHERE at >= ?"
         args: tuple[object, ...] = (since,)
         if container is not None:
             query += " AND container = ?"
             args += (container,)
+        return [_event(row) for row in self._db.execute(query + " ORDER BY id", args)]
+
+    def _failures_since_success(self, failed: EventKind, succeeded: EventKind) -> list[Event]:
+        """Every ``failed`` event after its container's last ``succeeded`` one, oldest first:
+        a streak of failures, however old, decides a backoff."""
         return [
-            Event(
-                container=c,
-                at=at,
-                kind=EventKind(kind),
-                size_bytes=size,
-                duration_seconds=duration,
-                detail=detail,
-            )
-            for c, at, kind, size, duration, detail in self._db.execute(
-                query + " ORDER BY id", args
+            _event(row)
+            for row in self._db.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events AS e WHERE e.kind = ? AND e.id > COALESCE("
+                " (SELECT MAX(id) FROM events WHERE kind = ? AND container = e.container), 0)"
+                " ORDER BY e.id",
+                (failed.value, succeeded.value),
             )
         ]
 
     def histories(self, since: float) -> dict[str, History]:
-        """Each container's History from its events since ``since`` (older ones no longer
-        matter: the caller passes the longest of the anti-thrash and backoff windows)."""
-        histories: dict[str, History] = {}
+        """Each container's History: its evictions and restores since ``since`` (older
+        ones no longer matter: the caller passes the anti-thrash window), and its
+        failures since its last success."""
+        evictions: dict[str, list[float]] = {}
+        restored: dict[str, float] = {}
         for event in self.events(since=since):
-            h = histories.get(event.container, History())
             if event.kind is EventKind.EVICTED:
-                h = dataclasses.replace(
-                    h, eviction_times=(*h.eviction_times, event.at), checkpoint_failure=None
-                )
-            elif event.kind is EventKind.EVICT_FAILED:
-                h = dataclasses.replace(h, checkpoint_failure=event.detail)
+                evictions.setdefault(event.container, []).append(event.at)
             elif event.kind is EventKind.RESTORED:
-                h = dataclasses.replace(
-                    h, last_restored_at=event.at, restore_failures=0, last_restore_failure_at=None
-                )
-            else:
-                h = dataclasses.replace(
-                    h, restore_failures=h.restore_failures + 1, last_restore_failure_at=event.at
-                )
-            histories[event.container] = h
-        return histories
+                restored[event.container] = event.at
+        checkpoint_failures: dict[str, CheckpointFailure] = {}
+        for event in self._failures_since_success(EventKind.EVICT_FAILED, EventKind.EVICTED):
+            last = checkpoint_failures.get(event.container)
+            same_config = last is not None and last.config_digest == event.config_digest
+            checkpoint_failures[event.container] = CheckpointFailure(
+                reason=event.detail,
+                at=event.at,
+                count=last.count + 1 if last is not None and same_config else 1,
+                persistent=event.persistent,
+                config_digest=event.config_digest,
+            )
+        restore_failures: dict[str, list[float]] = {}
+        for event in self._failures_since_success(EventKind.RESTORE_FAILED, EventKind.RESTORED):
+            restore_failures.setdefault(event.container, []).append(event.at)
+        names = evictions.keys() | restored.keys() | checkpoint_failures.keys()
+        return {
+            name: History(
+                eviction_times=tuple(evictions.get(name, ())),
+                last_restored_at=restored.get(name),
+                checkpoint_failure=checkpoint_failures.get(name),
+                restore_failures=len(restore_failures.get(name, ())),
+                last_restore_failure_at=max(restore_failures.get(name, ()), default=None),
+            )
+            for name in names | restore_failures.keys()
+        }
+
+
+_EVENT_COLUMNS = (
+    "container, at, kind, size_bytes, duration_seconds, detail, persistent, config_digest"
+)
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    container, at, kind, size_bytes, duration_seconds, detail, persistent, digest = row
+    return Event(
+        container=container,
+        at=at,
+        kind=EventKind(kind),
+        size_bytes=size_bytes,
+        duration_seconds=duration_seconds,
+        detail=detail,
+        persistent=bool(persistent),
+        config_digest=digest,
+    )

@@ -108,6 +108,15 @@ class LxcRuntime:
                 return int(text.strip())
         return None
 
+    def config_digest(self, name: str) -> str | None:
+        """Identifies the version of the container's LXC config file (a stat, no read:
+        the monitor asks every tick); None if it has none."""
+        try:
+            status = os.stat(self.lxc_path / name / "config")
+        except FileNotFoundError:
+            return None
+        return f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"
+
     def thaw(self, name: str) -> None:
         if not self._container(name).unfreeze():
             raise EvictorError(f"{name}: could not thaw the frozen container", container=name)
@@ -122,12 +131,15 @@ class LxcRuntime:
             ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-s", "-D", str(image_dir)]
         )
         if result.returncode != 0:
-            lines = _failure_lines(image_dir / "dump.log", result)
+            criu_errors = _criu_errors(image_dir / "dump.log")
+            lines = criu_errors or _last_output_line(result)
             raise CheckpointFailed(
                 f"{name}: CRIU dump failed: {lines[-1] if lines else 'no reason logged'}",
                 container=name,
                 phase="dump",
                 log_lines=lines,
+                # killed or timed out (a negative code): whatever CRIU logged, not the cause
+                persistent=result.returncode > 0 and criu.cause_persists(criu_errors),
             )
 
     def restore(
@@ -153,7 +165,7 @@ class LxcRuntime:
             environment,
         )
         if result.returncode != 0:
-            lines = _failure_lines(image_dir / "restore.log", result)
+            lines = _criu_errors(image_dir / "restore.log") or _last_output_line(result)
             raise RestoreFailed(
                 f"{name}: CRIU restore failed: {lines[-1] if lines else 'no reason logged'}",
                 container=name,
@@ -243,13 +255,15 @@ class LxcRuntime:
         return subprocess.CompletedProcess(argv, process.returncode, "", text)
 
 
-def _failure_lines(log_path: Path, result: subprocess.CompletedProcess[str]) -> tuple[str, ...]:
-    """CRIU's reasons from its log, or the tool's own last stderr line if there is no log."""
+def _criu_errors(log_path: Path) -> tuple[str, ...]:
+    """CRIU's reasons from its log, if it wrote one."""
     try:
-        lines = criu.log_errors(log_path.read_text(errors="replace"))
+        return criu.log_errors(log_path.read_text(errors="replace"))
     except FileNotFoundError:
-        lines = ()
-    if lines:
-        return lines
-    stderr = [line for line in result.stderr.splitlines() if line.strip()]
-    return tuple(stderr[-1:])
+        return ()
+
+
+def _last_output_line(result: subprocess.CompletedProcess[str]) -> tuple[str, ...]:
+    """The tool's own last line of output, for a failure CRIU did not log."""
+    output = [line for line in result.stderr.splitlines() if line.strip()]
+    return tuple(output[-1:])

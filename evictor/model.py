@@ -77,3 +77,5 @@ class ContainerSample:
     evicted_usage_bytes: int | None = None  # usage recorded at eviction
     image_bytes: int | None = None
     evicted_at: float | None = None  # Unix time
+    # Identifies the LXC config file's version (a change resets the checkpoint backoff).
+    config_digest: str | None = None

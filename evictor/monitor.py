@@ -156,6 +156,7 @@ class Monitor:
                         file_bytes=stats.file_bytes,
                         limit_bytes=stats.limit_bytes,
                         pressure=stats.pressure,
+                        config_digest=self.runtime.config_digest(name),
                     )
         if state is ContainerState.STOPPED and image is not None and image.manifest is not None:
             return ContainerSample(

@@ -8,7 +8,10 @@ min_reclaim)`` (and, for the budget, enough to get ``min_reclaim`` under it),
 evicting candidates lowest priority first; within one priority those whose last
 checkpoint did not fail first, then the largest; ties by name. Protected
 containers are never candidates; neither is a container restored less than its
-cooldown ago, unless memory is critically low.
+cooldown ago, unless memory is critically low, nor one whose checkpoints failed
+lately (an exponential backoff; at critical pressure only failures that may
+pass by themselves are retried early). The next candidates stand by: if an
+eviction fails, the round goes on with them until the target is met.
 
 Restore: only when no trigger fires and none has for ``stable_seconds``; the
 evicted container of highest priority, and only when its recorded footprint
@@ -22,7 +25,7 @@ import enum
 import heapq
 from collections.abc import Iterable, Mapping
 
-from evictor.config import AntiThrash, Config, Priorities, RestorePolicy
+from evictor.config import AntiThrash, Config, EvictPolicy, Priorities, RestorePolicy
 from evictor.model import ContainerSample, ContainerState, HostSample
 
 _MIB = 1 << 20
@@ -44,12 +47,23 @@ class Priority:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointFailure:
+    """A container's eviction attempts that failed in a row, with one config."""
+
+    reason: str  # CRIU's root cause, as the last attempt reported it
+    at: float  # the last attempt, Unix seconds
+    count: int = 1  # failures in a row since the last success or config change
+    persistent: bool = True  # a cause that cannot pass by itself (a tty, an unsupported fd)
+    config_digest: str | None = None  # the container's LXC config at the last attempt
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class History:
     """What evictor did to one container lately (times are Unix seconds)."""
 
     eviction_times: tuple[float, ...] = ()
     last_restored_at: float | None = None
-    checkpoint_failure: str | None = None  # set when the last eviction attempt failed
+    checkpoint_failure: CheckpointFailure | None = None  # its last eviction attempts failed
     restore_failures: int = 0  # consecutive failed restores
     last_restore_failure_at: float | None = None
 
@@ -68,9 +82,17 @@ class Decision:
     reason: str
 
 
+class TriggerKind(enum.Enum):
+    LOW_WATERMARK = "low_watermark"
+    HOST_PSI = "host_psi"
+    IMPORTANT_PSI = "important_psi"
+    BUDGET = "budget"
+    MAKE_ROOM = "make_room"  # an operator, or a starting container's hook, asked for room
+
+
 @dataclasses.dataclass(frozen=True)
 class Trigger:
-    kind: str  # low_watermark, host_psi, important_psi, budget or make_room
+    kind: TriggerKind
     message: str  # for people: what fired, with the figures
 
     def __str__(self) -> str:
@@ -83,6 +105,9 @@ class Plan:
     critical: bool  # MemAvailable below the critical watermark
     reclaim_target_bytes: int
     evictions: tuple[Decision, ...]
+    # Further candidates, in order, for when an eviction above fails: the round
+    # goes on with them until the target is met.
+    standby: tuple[Decision, ...]
     restores: tuple[Decision, ...]
     notes: tuple[str, ...]  # why the plan does less than one might expect
 
@@ -119,11 +144,46 @@ def eviction_cooldown_seconds(history: History, policy: AntiThrash, now: float) 
     return min(cooldown, policy.max_cooldown_seconds)
 
 
-def restore_backoff_seconds(history: History, policy: RestorePolicy) -> float:
-    if history.restore_failures == 0:
+def failure_backoff_seconds(failures: int, policy: RestorePolicy | EvictPolicy) -> float:
+    """The wait after ``failures`` failures in a row: doubling, capped."""
+    if failures == 0:
         return 0.0
-    backoff = policy.failure_backoff_seconds * 2.0 ** min(history.restore_failures - 1, 30)
+    backoff = policy.failure_backoff_seconds * 2.0 ** min(failures - 1, 30)
     return min(backoff, policy.max_failure_backoff_seconds)
+
+
+def restore_backoff_seconds(history: History, policy: RestorePolicy) -> float:
+    return failure_backoff_seconds(history.restore_failures, policy)
+
+
+def current_checkpoint_failure(
+    sample: ContainerSample, history: History
+) -> CheckpointFailure | None:
+    """The container's failed checkpoints, unless its config changed since: a new
+    config is a new container as far as CRIU is concerned."""
+    failure = history.checkpoint_failure
+    if failure is None or failure.config_digest != sample.config_digest:
+        return None
+    return failure
+
+
+def checkpoint_retry_in(
+    sample: ContainerSample, history: History, policy: EvictPolicy, now: float, critical: bool
+) -> float | None:
+    """Seconds until a container whose checkpoints failed may be tried again, or None
+    if it may be tried now. At critical pressure only a cause that may pass by
+    itself (a full disk, CRIU killed) is retried early; a tty will not go away."""
+    failure = current_checkpoint_failure(sample, history)
+    if failure is None or (critical and not failure.persistent):
+        return None
+    left = failure.at + failure_backoff_seconds(failure.count, policy) - now
+    return left if left > 0 else None
+
+
+def describe_checkpoint_failure(failure: CheckpointFailure) -> str:
+    times = "once" if failure.count == 1 else f"{failure.count} times"
+    kind = "" if failure.persistent else " (may pass)"
+    return f"checkpoint failed {times}{kind}: {failure.reason}"
 
 
 def _cooling_down(history: History, policy: AntiThrash, now: float) -> float | None:
@@ -149,8 +209,11 @@ def eligibility(
     left = _cooling_down(history, config.antithrash, now)
     if left is not None:
         return f"cooling down ({left:.0f} s left)"
-    if history.checkpoint_failure is not None:
-        return f"last checkpoint failed: {history.checkpoint_failure}"
+    failure = current_checkpoint_failure(sample, history)
+    if failure is not None:
+        retry_in = checkpoint_retry_in(sample, history, config.evict, now, critical=False)
+        when = "may be retried now" if retry_in is None else f"retry in {retry_in:.0f} s"
+        return f"{describe_checkpoint_failure(failure)}; {when}"
     return "evictable"
 
 
@@ -172,7 +235,7 @@ def _triggers(
     if host.available_bytes < low:
         triggers.append(
             Trigger(
-                "low_watermark",
+                TriggerKind.LOW_WATERMARK,
                 f"MemAvailable {host.available_bytes // _MIB} MiB is below the low"
                 f" watermark {low // _MIB} MiB",
             )
@@ -185,7 +248,7 @@ def _triggers(
     ):
         triggers.append(
             Trigger(
-                "host_psi",
+                TriggerKind.HOST_PSI,
                 f"host memory PSI some avg10 {host.pressure.some_avg10:.1f}% is at or"
                 f" above {t.host_psi_some_avg10:g}%",
             )
@@ -206,7 +269,7 @@ def _triggers(
         more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
         triggers.append(
             Trigger(
-                "important_psi",
+                TriggerKind.IMPORTANT_PSI,
                 f"important containers stall on memory (PSI some avg10 >="
                 f" {threshold:g}%): {listed}{more}",
             )
@@ -218,7 +281,7 @@ def _triggers(
         if used > budget:
             triggers.append(
                 Trigger(
-                    "budget",
+                    TriggerKind.BUDGET,
                     f"containers use {used // _MIB} MiB, over the budget of {budget // _MIB} MiB",
                 )
             )
@@ -249,7 +312,7 @@ def plan(
     critical = host.available_bytes < config.triggers.critical_watermark.resolve(host.total_bytes)
     notes: list[str] = []
     if triggers:
-        evictions = _choose_evictions(
+        evictions, standby = _choose_evictions(
             running, priorities, histories, config, now, need, critical, in_need, notes
         )
         return Plan(
@@ -257,6 +320,7 @@ def plan(
             critical=critical,
             reclaim_target_bytes=need,
             evictions=evictions,
+            standby=standby,
             restores=(),
             notes=tuple(notes),
         )
@@ -276,6 +340,7 @@ def plan(
         critical=critical,
         reclaim_target_bytes=0,
         evictions=(),
+        standby=(),
         restores=restores,
         notes=tuple(notes),
     )
@@ -291,7 +356,8 @@ def _choose_evictions(
     critical: bool,
     excluded: set[str],
     notes: list[str],
-) -> tuple[Decision, ...]:
+) -> tuple[tuple[Decision, ...], tuple[Decision, ...]]:
+    """The evictions that reach ``need``, and as many again standing by."""
     # (priority, last checkpoint failed, -usage, name): names are unique, so the
     # tuples alone order the candidates. A heap pops the few needed without
     # sorting them all (hosts with thousands of containers evict a handful).
@@ -299,6 +365,8 @@ def _choose_evictions(
     # history, and take the short way.
     ranked: list[tuple[int, bool, int, str]] = []
     spared = []
+    held: list[str] = []
+    failures: dict[str, CheckpointFailure] = {}
     for sample in running:
         name = sample.name
         priority = priorities[name]
@@ -315,30 +383,43 @@ def _choose_evictions(
         ):
             spared.append(name)
             continue
-        ranked.append(
-            (priority.value, history.checkpoint_failure is not None, -sample.usage_bytes, name)
-        )
+        failure = current_checkpoint_failure(sample, history)
+        if failure is not None:
+            retry_in = checkpoint_retry_in(sample, history, config.evict, now, critical)
+            if retry_in is not None:
+                held.append(
+                    f"{name}: {describe_checkpoint_failure(failure)}; retry in {retry_in:.0f} s"
+                )
+                continue
+            failures[name] = failure
+        ranked.append((priority.value, failure is not None, -sample.usage_bytes, name))
     if spared:
-        spared.sort()
-        listed = ", ".join(spared[:5]) + (f" and {len(spared) - 5} more" if len(spared) > 5 else "")
-        notes.append(f"spared, restored too recently (anti-thrash cooldown): {listed}")
+        notes.append(f"spared, restored too recently (anti-thrash cooldown): {_listed(spared)}")
+    if held:
+        notes.append(f"held back after failed checkpoints: {_listed(held, separator='; ')}")
     heapq.heapify(ranked)
     chosen: list[Decision] = []
-    reclaimed = 0
-    while ranked and reclaimed < need:
+    standby: list[Decision] = []
+    reclaimed = standing_by = 0
+    while ranked and standing_by < need:
         value, failed, negative_usage, name = heapq.heappop(ranked)
         usage = -negative_usage
-        reclaimed += usage
         why = f"lowest-ranked (priority {value}, {usage // _MIB} MiB)"
         if failed:
-            why += f"; its last checkpoint failed ({histories[name].checkpoint_failure})"
-        chosen.append(
+            why += f"; its {describe_checkpoint_failure(failures[name])}"
+        if reclaimed < need:
+            reclaimed += usage
+            role, decisions = f"reclaiming {need // _MIB} MiB", chosen
+        else:
+            standing_by += usage
+            role, decisions = "stands by in case an eviction above fails", standby
+        decisions.append(
             Decision(
                 container=name,
                 action=Action.EVICT,
                 priority=value,
                 size_bytes=usage,
-                reason=f"{why}; reclaiming {need // _MIB} MiB",
+                reason=f"{why}; {role}",
             )
         )
     if reclaimed < need:
@@ -346,7 +427,13 @@ def _choose_evictions(
             f"target not reachable: evicting every candidate frees"
             f" {reclaimed // _MIB} of {need // _MIB} MiB"
         )
-    return tuple(chosen)
+    return tuple(chosen), tuple(standby)
+
+
+def _listed(items: list[str], *, most: int = 5, separator: str = ", ") -> str:
+    items = sorted(items)
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return separator.join(items[:most]) + more
 
 
 def plan_make_room(
@@ -378,7 +465,7 @@ def plan_make_room(
     excluded = {s.name for s in running if s.name == target or priorities[s.name].value >= floor}
     notes: list[str] = []
     trigger = Trigger(
-        "make_room",
+        TriggerKind.MAKE_ROOM,
         f"make room for {target} (priority {floor}): {expected_bytes // _MIB} MiB expected",
     )
     if need <= 0:
@@ -387,10 +474,11 @@ def plan_make_room(
             critical=False,
             reclaim_target_bytes=0,
             evictions=(),
+            standby=(),
             restores=(),
             notes=("it fits already",),
         )
-    evictions = _choose_evictions(
+    evictions, standby = _choose_evictions(
         running, priorities, histories, config, now, need, True, excluded, notes
     )
     return Plan(
@@ -398,6 +486,7 @@ def plan_make_room(
         critical=False,
         reclaim_target_bytes=need,
         evictions=evictions,
+        standby=standby,
         restores=(),
         notes=tuple(notes),
     )

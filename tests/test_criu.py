@@ -86,3 +86,17 @@ def test_criu_check_runs_once_per_binary(tmp_path: Path) -> None:
 def test_a_missing_criu_is_a_preflight_error(tmp_path: Path) -> None:
     with pytest.raises(PreflightError, match="not found: run scripts/setup"):
         check_criu(str(tmp_path / "criu"))
+
+
+@pytest.mark.parametrize(
+    ("lines", "persists"),
+    [
+        (("Error (criu/tty.c:410): tty: Found slave peer index 0",), True),
+        (("Error (criu/files.c:1): Can't dump file 7 of that type",), True),
+        (("Error (criu/image.c:1): Unable to write: No space left on device",), False),
+        ((), False),  # CRIU killed or timed out: it logged no reason
+    ],
+    ids=["tty", "unsupported fd", "disk full", "no reason"],
+)
+def test_only_a_cause_in_the_container_persists(lines: tuple[str, ...], persists: bool) -> None:
+    assert criu.cause_persists(lines) is persists

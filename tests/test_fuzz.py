@@ -26,6 +26,7 @@ KEYS = {
         "important_psi_some_avg10",
         "budget",
     ],
+    "evict": ["failure_backoff_seconds", "max_failure_backoff_seconds"],
     "restore": ["stable_seconds", "margin", "failure_backoff_seconds"],
     "antithrash": ["cooldown_seconds", "backoff_factor", "window_seconds", "max_cooldown_seconds"],
     "metrics": ["enabled", "address", "port"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,12 +12,15 @@ from evictor.config import AntiThrash, Config, Priorities, Rule, Size, Triggers,
 from evictor.model import ContainerSample, ContainerState, HostSample, Pressure
 from evictor.ranking import (
     Action,
+    CheckpointFailure,
     History,
     Label,
     Plan,
     Priority,
+    checkpoint_retry_in,
     eligibility,
     eviction_cooldown_seconds,
+    failure_backoff_seconds,
     plan,
     resolve_priority,
 )
@@ -170,12 +174,77 @@ def test_priority_beats_size_and_protected_is_never_chosen() -> None:
 
 
 def test_a_container_whose_checkpoint_failed_goes_last_within_its_priority() -> None:
-    histories = {"a": History(checkpoint_failure="tty: Found slave peer")}
+    # Its backoff (60 s after one failure) is over: it is a candidate again, last.
+    failure = CheckpointFailure(reason="tty: Found slave peer", at=NOW - 61)
+    histories = {"a": History(checkpoint_failure=failure)}
     result = run_plan(
         1000, [running("a", 900), running("b", 100), running("c", 100)], histories=histories
     )
     assert evicted_names(result) == ["b", "c", "a"]
-    assert "its last checkpoint failed (tty: Found slave peer)" in result.evictions[-1].reason
+    assert "its checkpoint failed once: tty: Found slave peer" in result.evictions[-1].reason
+
+
+# --- failed checkpoints: the next candidate stands by; backoff ---------------
+
+
+def test_candidates_beyond_the_target_stand_by_in_order() -> None:
+    # 1100 MiB used, 76 MiB over the budget, plus min_reclaim 128 MiB: 204 MiB to reclaim.
+    config = parse_config({"triggers": {"budget": "1GiB"}})
+    containers = [running(n, mib) for n, mib in (("a", 500), ("b", 150), ("c", 150), ("d", 300))]
+    priorities = {"a": prio(0), "b": prio(1), "c": prio(2), "d": prio(3)}
+    result = run_plan(8000, containers, priorities, config=config)
+    assert evicted_names(result) == ["a"]
+    # If "a" fails, "b" and then "c" make up for it: standby covers the target again.
+    assert [d.container for d in result.standby] == ["b", "c"]
+    assert "stands by in case an eviction above fails" in result.standby[0].reason
+
+
+def test_a_failed_checkpoint_is_backed_off_and_the_next_candidate_taken() -> None:
+    failure = CheckpointFailure(reason="tty: Found slave peer", at=NOW - 10)
+    result = run_plan(
+        1000,
+        [running("tty", 900), running("b", 2000)],
+        {"tty": prio(-10)},
+        histories={"tty": History(checkpoint_failure=failure)},
+    )
+    assert evicted_names(result) == ["b"]
+    assert (
+        "held back after failed checkpoints: tty: checkpoint failed once:"
+        " tty: Found slave peer; retry in 50 s"
+    ) in result.notes
+
+
+def test_the_checkpoint_backoff_doubles_up_to_its_cap() -> None:
+    policy = parse_config(
+        {"evict": {"failure_backoff_seconds": 10, "max_failure_backoff_seconds": 50}}
+    ).evict
+    assert [failure_backoff_seconds(n, policy) for n in range(6)] == [0, 10, 20, 40, 50, 50]
+
+
+@pytest.mark.parametrize(
+    ("persistent", "retried"), [(True, False), (False, True)], ids=["a tty", "a full disk"]
+)
+def test_at_critical_pressure_only_a_passing_cause_is_retried_early(
+    persistent: bool, retried: bool
+) -> None:
+    failure = CheckpointFailure(reason="why", at=NOW - 10, count=3, persistent=persistent)
+    history = {"a": History(checkpoint_failure=failure)}
+    # 500 MiB available is below the critical watermark (819 MiB).
+    result = run_plan(500, [running("a", 900), running("b", 100)], histories=history)
+    assert result.critical
+    assert ("a" in evicted_names(result) + [d.container for d in result.standby]) is retried
+
+
+def test_a_config_change_resets_the_backoff() -> None:
+    failure = CheckpointFailure(reason="tty", at=NOW - 10, count=5, config_digest="v1")
+    history = {"a": History(checkpoint_failure=failure)}
+    same = dataclasses.replace(running("a", 900), config_digest="v1")
+    changed = dataclasses.replace(running("a", 900), config_digest="v2")
+    assert evicted_names(run_plan(1000, [same, running("b", 100)], histories=history)) == ["b"]
+    result = run_plan(1000, [changed, running("b", 100)], histories=history)
+    assert evicted_names(result) == ["a", "b"]  # the largest first: no failure counts now
+    assert "failed" not in result.evictions[0].reason
+    assert eligibility(changed, prio(0), history["a"], CONFIG, NOW) == "evictable"
 
 
 # --- anti-thrash ------------------------------------------------------------
@@ -261,8 +330,16 @@ def test_eligibility_phrases() -> None:
     sample = running("a", 100)
     assert eligibility(sample, prio(0), History(), CONFIG, NOW) == "evictable"
     assert eligibility(sample, prio(0, True), History(), CONFIG, NOW) == "protected"
-    failed = History(checkpoint_failure="tty")
-    assert eligibility(sample, prio(0), failed, CONFIG, NOW) == "last checkpoint failed: tty"
+    failed = History(checkpoint_failure=CheckpointFailure(reason="tty", at=NOW - 10))
+    assert eligibility(sample, prio(0), failed, CONFIG, NOW) == (
+        "checkpoint failed once: tty; retry in 50 s"
+    )
+    twice = History(
+        checkpoint_failure=CheckpointFailure(reason="full", at=NOW - 500, count=2, persistent=False)
+    )
+    assert eligibility(sample, prio(0), twice, CONFIG, NOW) == (
+        "checkpoint failed 2 times (may pass): full; may be retried now"
+    )
     assert eligibility(evicted("a", 1), prio(0), History(), CONFIG, NOW) == "evicted"
 
 
@@ -289,7 +366,18 @@ def scenarios(draw: st.DrawFn) -> tuple:
             histories[name] = History(
                 eviction_times=(NOW - draw(st.integers(0, 5000)),),
                 last_restored_at=NOW - draw(st.integers(0, 1000)),
-                checkpoint_failure=draw(st.sampled_from([None, "failed"])),
+                checkpoint_failure=draw(
+                    st.one_of(
+                        st.none(),
+                        st.builds(
+                            CheckpointFailure,
+                            reason=st.just("failed"),
+                            at=st.integers(NOW - 5000, NOW).map(float),
+                            count=st.integers(1, 4),
+                            persistent=st.booleans(),
+                        ),
+                    )
+                ),
             )
     available = draw(st.integers(0, 16 * 1024))
     budget = draw(st.sampled_from([None, "2GiB", "8GiB"]))
@@ -327,16 +415,25 @@ def test_plan_invariants(scenario: tuple) -> None:
         assert result.evictions == ()
     assert not evicted_set & restored
     assert len(result.restores) <= 1
-    # A lower-priority candidate always goes before a higher-priority one.
-    values = [d.priority for d in result.evictions]
+    # A lower-priority candidate always goes before a higher-priority one, and the
+    # standby candidates come after the chosen ones, never among them.
+    values = [d.priority for d in (*result.evictions, *result.standby)]
     assert values == sorted(values)
+    standby = {d.container for d in result.standby}
+    assert not standby & evicted_set
+    # A container backed off after a failed checkpoint is never chosen, nor standing by.
+    for name in evicted_set | standby:
+        history = histories.get(name, History())
+        assert (
+            checkpoint_retry_in(by_name[name], history, config.evict, NOW, result.critical) is None
+        )
     if result.pressure:
         critical = result.critical
         left_out = [
             c
             for c in containers
             if c.state is ContainerState.RUNNING
-            and c.name not in evicted_set
+            and c.name not in evicted_set | standby
             and not priorities[c.name].protected
             and not (priorities[c.name].value >= 3 and c.pressure.some_avg10 >= 10)  # in need
             and (
@@ -345,12 +442,17 @@ def test_plan_invariants(scenario: tuple) -> None:
                 or NOW - histories[c.name].last_restored_at
                 >= eviction_cooldown_seconds(histories[c.name], config.antithrash, NOW)
             )
+            and checkpoint_retry_in(
+                c, histories.get(c.name, History()), config.evict, NOW, critical
+            )
+            is None
         ]
         reached = result.reclaim_planned_bytes >= result.reclaim_target_bytes
         # When the target is reachable the plan reaches it, and nothing is left unused
         # when it is not...
         assert reached or not left_out
-        # ...and every candidate left out ranks at least as high as every one chosen.
+        # ...and every candidate left out ranks at least as high as every one chosen
+        # or standing by.
         if values:
             assert all(priorities[c.name].value >= values[-1] for c in left_out)
 

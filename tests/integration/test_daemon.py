@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from evictor import testbed
 from evictor.images import ImageState, ImageStore
-from evictor.journal import Journal, Managed
+from evictor.journal import EventKind, Journal, Managed
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerState
 
@@ -149,6 +150,88 @@ def test_sigkill_mid_eviction_then_restart_loses_nothing(
     assert after.incarnation == before.incarnation
     assert testbed.wait_for_counter(runtime, big, above=after.counter + 2).errors == 0
     assert ImageStore(state / "images").image_state(big) is ImageState.NONE
+
+
+def test_a_container_that_cannot_be_checkpointed_gives_way_and_backs_off(
+    runtime: LxcRuntime,
+    workload: WorkloadFactory,
+    daemon: Callable[[Path], DaemonProcess],
+    tmp_path: Path,
+) -> None:
+    """Ranked lowest and uncheckpointable (a tty), it fails once and the next
+    candidate is evicted in the same round; under pressure that stays, it is
+    tried again only as its backoff allows, and stays RUNNING throughout."""
+    tty, hog = workload(memory_mib=64, with_tty=True), workload(memory_mib=64)
+    spike = workload(memory_mib=64, start=False)
+    usage = sum(runtime.memory_usage_bytes(n) or 0 for n in (tty, hog))
+    state, port = tmp_path / "state", free_port()
+    config = write_config(
+        tmp_path / "evictor.toml",
+        runtime.lxc_path,
+        state,
+        port,
+        triggers={"budget": usage - 20 * MIB},  # evicting either one is enough
+        evict={"failure_backoff_seconds": 1, "max_failure_backoff_seconds": 4},
+        priorities={
+            "rules": [
+                {"match": tty, "priority": -10},
+                {"match": spike, "priority": 50, "protect": True},
+            ]
+        },
+    )
+    running = daemon(config)
+    running.wait_for_log(f"evicted {hog}")
+    journal = Journal(state / "journal.db")
+    failure, eviction = journal.events()
+    assert (failure.container, failure.kind) == (tty, EventKind.EVICT_FAILED)
+    assert "tty" in failure.detail and failure.persistent
+    assert (eviction.container, eviction.kind) == (hog, EventKind.EVICTED)
+    # The same round went on to the next candidate: no tick passed in between.
+    assert eviction.duration_seconds is not None
+    assert eviction.at - failure.at < eviction.duration_seconds + 0.5
+    assert runtime.state(tty) is ContainerState.RUNNING
+
+    # Pressure that stays: the protected spike alone outgrows the budget. With a
+    # backoff of 1 s doubling to 4 s, the tty container is tried at most at 0, 2,
+    # 6 and 10 s into 12 s: 4 attempts, where every 0.5 s tick would make 24.
+    runtime.start(spike)
+    started = time.time()
+    time.sleep(12)
+    attempts = [
+        e.at
+        for e in journal.events(container=tty, since=started)
+        if e.kind is EventKind.EVICT_FAILED
+    ]
+    assert 2 <= len(attempts) <= 4, attempts
+    # Right after its next attempt, `plan` and `status` show it held back (4 s).
+    failed = len(journal.events(container=tty))
+    wait_until(lambda: len(journal.events(container=tty)) > failed, "the next attempt")
+    plan = run_evictor("-c", str(config), "plan")
+    assert f"held back after failed checkpoints: {tty}: checkpoint failed" in plan.stdout
+    assert f"evict {tty}" not in plan.stdout
+    status = run_evictor("-c", str(config), "status", "--json")
+    (entry,) = (c for c in json.loads(status.stdout)["containers"] if c["name"] == tty)
+    assert entry["eligibility"].startswith(f"checkpoint failed {failed + 1} times: ")
+    assert "retry in" in entry["eligibility"]
+    assert "tty" in entry["checkpoint_failure"]["reason"]
+
+    metrics = scrape(port)
+    failures = (
+        "evictor_evictions_total",
+        (("cause", "budget"), ("container", tty), ("result", "failure")),
+    )
+    assert metrics[failures] == failed + 1
+    successes = (
+        "evictor_evictions_total",
+        (("cause", "budget"), ("container", hog), ("result", "success")),
+    )
+    assert metrics[successes] == 1
+    assert running.stop() == 0
+    # Unharmed: its workload goes on, read after the last attempt.
+    last = testbed.read_status(runtime, tty)
+    assert last is not None
+    assert testbed.wait_for_counter(runtime, tty, above=last.counter).errors == 0
+    assert runtime.state(tty) is ContainerState.RUNNING
 
 
 def test_make_room_evicts_lower_priority_containers(

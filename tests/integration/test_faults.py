@@ -31,7 +31,7 @@ from evictor.journal import EventKind, Journal, Managed
 from evictor.lxc_runtime import LxcRuntime
 from evictor.metrics import Metrics
 from evictor.model import ContainerState
-from evictor.ranking import Action, Decision, Plan, Trigger
+from evictor.ranking import Action, Decision, Plan, Trigger, TriggerKind
 
 from .conftest import (
     DaemonProcess,
@@ -80,12 +80,13 @@ def test_criu_killed_mid_dump_leaves_the_container_running_and_counts_the_failur
     engine = Engine(Config(lxc_path=runtime.lxc_path, state_dir=tmp_path / "state"))
     daemon = Daemon(engine, Metrics())
     plan = Plan(
-        triggers=(Trigger("budget", "test"),),
+        triggers=(Trigger(TriggerKind.BUDGET, "test"),),
         critical=False,
         reclaim_target_bytes=1,
         evictions=(
             Decision(container=name, action=Action.EVICT, priority=0, size_bytes=1, reason="test"),
         ),
+        standby=(),
         restores=(),
         notes=(),
     )
@@ -368,6 +369,7 @@ def test_a_corrupt_image_raises_the_alert_metric_and_is_kept(
             critical=False,
             reclaim_target_bytes=0,
             evictions=(),
+            standby=(),
             restores=(
                 Decision(
                     container=name, action=Action.RESTORE, priority=0, size_bytes=1, reason="test"
