@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, timed
-from evictor import testbed
+from evictor.tools import testbed
 
 # zstd's fastest useful settings: "--fast=1" is level -1.
 LEVELS = ("--fast=1", "-1", "-3")

@@ -22,8 +22,9 @@ from pathlib import Path
 import psutil
 
 from bench.fleet import fleet
-from evictor import testbed
-from evictor.journal import Journal, Managed
+from evictor.journal import Journal
+from evictor.model import Managed
+from evictor.tools import testbed
 
 MIB = 1 << 20
 INTERVAL_SECONDS = 1.0

@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, timed
-from evictor import checkpoint, restore, testbed
+from evictor import checkpoint, restore
 from evictor.images import ImageStore
 from evictor.journal import Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.monitor import read_free_bytes, read_meminfo
+from evictor.tools import testbed
 
 MIB = 1 << 20
 

@@ -22,9 +22,9 @@ from evictor.daemon import Daemon
 from evictor.engine import Engine
 from evictor.images import ImageStore
 from evictor.metrics import Metrics
-from evictor.model import ContainerSample, ContainerState, HostSample, Pressure
+from evictor.model import ContainerSample, ContainerState, History, HostSample, Pressure, Priority
 from evictor.monitor import Monitor
-from evictor.ranking import History, Plan, Priority, plan
+from evictor.ranking import Plan, plan
 
 MIB = 1 << 20
 
@@ -51,7 +51,7 @@ def bench_sample_and_tick(count: int, runs: int) -> None:
         for _ in range(runs):
             daemon.tick()
         tick_cpu = (time.process_time() - cpu_started) / runs
-        engine.journal.close()
+        engine.close()
     print(
         f"| sample, {count} containers | {ours * 1000:.1f} ms | lxc-ls --fancy"
         f" {raw * 1000:.1f} ms | {ours / raw:.2f}x |"

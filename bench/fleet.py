@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from evictor import testbed
 from evictor.lxc_runtime import LxcRuntime
+from evictor.tools import testbed
 
 BENCH_ROOT = Path("/var/tmp/evictor-bench")
 

@@ -1,10 +1,10 @@
 """Evict one container: a stateful stop that really frees its memory.
 
 Steps, each of which either completes or leaves the container RUNNING:
-preflight -> dump (lxc-checkpoint -s) -> seal (fsync, checksum, drop from the
-page cache) -> commit (the manifest). A container is STOPPED only once its
-image is complete; if anything fails after CRIU stopped it, it is restored
-from that image at once.
+settle (an interrupted or outdated record) -> preflight -> dump (lxc-checkpoint
+-s) -> seal (fsync, checksum, drop from the page cache) -> commit (the
+manifest). A container is STOPPED only once its image is complete; if anything
+fails after CRIU stopped it, it is restored from that image at once.
 """
 
 from __future__ import annotations
@@ -14,18 +14,21 @@ import logging
 import time
 from pathlib import Path
 
-from evictor import criu
+from evictor import criu, lifecycle
 from evictor.errors import (
     CheckpointFailed,
+    CriuOutputError,
     EvictorError,
     InvalidState,
+    Phase,
     PreflightError,
 )
 from evictor.images import ImageState, ImageStore
-from evictor.journal import Event, EventKind, Journal, Managed
+from evictor.journal import Event, EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
-from evictor.model import ContainerState, validate_container_name
+from evictor.model import ContainerState, Managed, validate_container_name
+from evictor.reconcile import settle
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,10 @@ def evict(
     validate_container_name(name)
     started = time.monotonic()
     with store.lock(name):
+        settle(runtime, store, journal, name)
         usage_bytes = preflight(runtime, store, name)
-        journal.set_state(name, Managed.EVICTING, at=time.time(), reason=reason)
-        phase = "dump"
+        lifecycle.move(journal, name, Managed.EVICTING, at=time.time(), reason=reason)
+        phase = Phase.DUMP
         try:
             image_dir = store.begin(name)
             dump_started = time.monotonic()
@@ -100,20 +104,19 @@ def evict(
                 raise CheckpointFailed(
                     f"{name}: is {state.value} after a successful dump", container=name, phase=phase
                 )
-            phase = "seal"
+            phase = Phase.SEAL
             files = store.seal(name)
-            phase = "commit"
-            manifest = Manifest(
-                container=name,
-                lxc_path=str(runtime.lxc_path),
-                reason=reason,
-                evicted_at=time.time(),
-                memory_usage_bytes=usage_bytes,
-                dump_duration_seconds=round(dump_seconds, 6),
+            phase = Phase.COMMIT
+            manifest = store.commit_dump(
+                name,
                 files=files,
+                lxc_path=runtime.lxc_path,
+                reason=reason,
+                memory_usage_bytes=usage_bytes,
+                dump_duration_seconds=dump_seconds,
                 dump_stats=_dump_stats(image_dir),
+                evicted_at=time.time(),
             )
-            store.commit(manifest)
         except BaseException as error:
             failure = _as_failure(error, name, phase)
             _roll_back(runtime, store, journal, name, failure or error)
@@ -132,8 +135,8 @@ def evict(
             if failure is error:
                 raise
             raise failure from error
-        journal.set_state(
-            name, Managed.EVICTED, at=manifest.evicted_at, reason=reason, drained=drained
+        lifecycle.move(
+            journal, name, Managed.EVICTED, at=manifest.evicted_at, reason=reason, drained=drained
         )
     eviction = Eviction(manifest=manifest, duration_seconds=time.monotonic() - started)
     journal.record(
@@ -159,13 +162,13 @@ def evict(
     return eviction
 
 
-def _as_failure(error: BaseException, name: str, phase: str) -> CheckpointFailed | None:
+def _as_failure(error: BaseException, name: str, phase: Phase) -> CheckpointFailed | None:
     """The CheckpointFailed to report for ``error``; None for an interruption (Ctrl-C)."""
     if isinstance(error, CheckpointFailed):
         return error
     if isinstance(error, OSError):
         return CheckpointFailed(
-            f"{name}: {phase} failed: {error.strerror or error}", container=name, phase=phase
+            f"{name}: {phase.value} failed: {error.strerror or error}", container=name, phase=phase
         )
     if isinstance(error, EvictorError):
         return CheckpointFailed(f"{error}", container=name, phase=phase)
@@ -175,8 +178,8 @@ def _as_failure(error: BaseException, name: str, phase: str) -> CheckpointFailed
 def _dump_stats(image_dir: Path) -> criu.DumpStats:
     """CRIU's figures for the manifest; their absence never fails an eviction."""
     try:
-        return criu.parse_dump_stats((image_dir / "stats-dump").read_bytes())
-    except (OSError, criu.StatsFormatError) as error:
+        return criu.read_dump_stats(image_dir)
+    except (OSError, CriuOutputError) as error:
         log.warning("no dump stats in %s: %s", image_dir, error)
         return criu.DumpStats()
 
@@ -204,7 +207,8 @@ def _roll_back(
             # The uncommitted image is the container's only state: set it aside
             # where no later dump will remove it.
             kept = store.quarantine(name)
-            journal.set_state(
+            lifecycle.move(
+                journal,
                 name,
                 Managed.FAILED,
                 at=time.time(),
@@ -217,4 +221,6 @@ def _roll_back(
         state = runtime.state(name)
     if state is ContainerState.RUNNING:
         store.discard_partial(name)
-        journal.set_state(name, Managed.RUNNING, at=time.time(), reason=f"eviction failed: {error}")
+        lifecycle.move(
+            journal, name, Managed.RUNNING, at=time.time(), reason=f"eviction failed: {error}"
+        )

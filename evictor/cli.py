@@ -13,24 +13,22 @@ import enum
 import json
 import logging
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from evictor import checkpoint, restore
 from evictor.config import (
     DEFAULT_CONFIG_PATH,
-    ConfigError,
+    DEFAULT_METRICS_PORT,
     describe,
     load_config,
     parse_size_bytes,
 )
-from evictor.engine import Engine
-from evictor.errors import EvictorError, RuntimeFailure, UsageError
-from evictor.model import ContainerSample, ContainerState, HostSample, validate_container_name
-from evictor.ranking import History, Label, Plan, eligibility, plan_make_room
+from evictor.engine import Engine, Outcome
+from evictor.errors import ConfigError, EvictorError, RuntimeFailure, UsageError
+from evictor.model import ContainerSample, History, HostSample, Label, validate_container_name
+from evictor.ranking import Plan
 from evictor.units import format_age, format_bytes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -40,7 +38,7 @@ log = logging.getLogger("evictor")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"evictor: error: {message} (see 'evictor --help')\n")
+        self.exit(EXIT_USAGE, _error_line(f"{message} (see 'evictor --help')"))
 
 
 def _priority_value(raw: str) -> int:
@@ -151,52 +149,66 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit when the scenario is done (default: wait for Ctrl-C)",
     )
-    demo.add_argument("--port", type=int, default=9857, help="metrics port (default 9857)")
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"metrics port (default {DEFAULT_METRICS_PORT})",
+    )
     return parser
 
 
-def _for_each(names: Sequence[str], action: Callable[[str], str]) -> int:
-    """Run ``action`` on every name, report each outcome, exit 1 if any failed."""
-    for name in names:
-        validate_container_name(name)
-    failed = 0
-    for name in names:
-        try:
-            print(action(name))
-        except EvictorError as error:
-            failed += 1
-            _report(error)
-    return EXIT_FAILED if failed else EXIT_OK
+def _error_line(message: str) -> str:
+    """``evictor: error: message``: one line, whatever the message holds (an argument
+    or a path may hold a newline)."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    return f"evictor: error: {shown}\n"
 
 
 def _report(error: EvictorError) -> None:
-    print(f"evictor: error: {error}", file=sys.stderr)
+    sys.stderr.write(_error_line(str(error)))
     if isinstance(error, RuntimeFailure):
         for line in error.log_lines:
             log.debug("  criu: %s", line)
 
 
-def _cmd_evict(args: argparse.Namespace, engine: Engine) -> int:
-    def evict_one(name: str) -> str:
-        done = checkpoint.evict(engine.runtime, engine.store, engine.journal, name)
-        return (
-            f"evicted {name}: {format_bytes(done.manifest.memory_usage_bytes)} in use,"
-            f" image {format_bytes(done.manifest.image_bytes)},"
-            f" {done.duration_seconds:.2f} s"
-        )
+def _report_all(outcomes: Sequence[Outcome], render: Callable[[Outcome], str]) -> int:
+    """Print each outcome (errors on stderr); exit 1 if any failed."""
+    failed = 0
+    for outcome in outcomes:
+        if outcome.error is not None:
+            failed += 1
+            _report(outcome.error)
+        else:
+            print(render(outcome))
+    return EXIT_FAILED if failed else EXIT_OK
 
-    return _for_each(args.names, evict_one)
+
+def _each(names: Sequence[str], operation: Callable[[str], Outcome]) -> Iterator[Outcome]:
+    """``operation`` on every name in turn, every name checked first."""
+    for name in names:
+        validate_container_name(name)
+    return (operation(name) for name in names)
+
+
+def _cmd_evict(args: argparse.Namespace, engine: Engine) -> int:
+    return _report_all(
+        list(_each(args.names, engine.evict)),
+        lambda o: (
+            f"evicted {o.container}: {format_bytes(o.memory_bytes)} in use,"
+            f" image {format_bytes(o.image_bytes)}, {o.duration_seconds:.2f} s"
+        ),
+    )
 
 
 def _cmd_restore(args: argparse.Namespace, engine: Engine) -> int:
-    def restore_one(name: str) -> str:
-        done = restore.restore(engine.runtime, engine.store, engine.journal, name)
-        return (
-            f"restored {name}: image {format_bytes(done.manifest.image_bytes)},"
-            f" {done.duration_seconds:.2f} s, evicted for {format_age(done.evicted_seconds)}"
-        )
-
-    return _for_each(args.names, restore_one)
+    return _report_all(
+        list(_each(args.names, engine.restore)),
+        lambda o: (
+            f"restored {o.container}: image {format_bytes(o.image_bytes)},"
+            f" {o.duration_seconds:.2f} s, evicted for {format_age(o.evicted_seconds)}"
+        ),
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -238,7 +250,7 @@ def _image(sample: ContainerSample, now: float) -> tuple[str, str]:
 
 
 def _cmd_list(args: argparse.Namespace, engine: Engine) -> int:
-    sample = engine.monitor.sample()
+    sample = engine.sample()
     if args.json:
         _print_json({"containers": sample.containers, "orphan_images": sample.orphan_images})
         return EXIT_OK
@@ -276,15 +288,9 @@ def _pressure_lines(plan: Plan) -> list[str]:
 
 def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
     now = time.time()
-    sample = engine.monitor.sample()
-    assessment = engine.assess(sample, now, last_pressure_at=None)
-    plan, priorities, histories = assessment.plan, assessment.priorities, assessment.histories
-    standing = {
-        c.name: eligibility(
-            c, priorities[c.name], histories.get(c.name, History()), engine.config, now
-        )
-        for c in sample.containers
-    }
+    assessment = engine.assess(now=now, last_pressure_at=None)
+    sample, plan, priorities = assessment.sample, assessment.plan, assessment.priorities
+    standing, histories = assessment.standing, assessment.histories
     if args.json:
         _print_json(
             {
@@ -356,7 +362,7 @@ def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace, engine: Engine) -> int:
-    plan = engine.assess(engine.monitor.sample(), time.time(), last_pressure_at=None).plan
+    plan = engine.assess(now=time.time(), last_pressure_at=None).plan
     if args.json:
         _print_json({**_jsonable(plan), "pressure": plan.pressure})
         return EXIT_OK
@@ -383,20 +389,20 @@ def _cmd_label(args: argparse.Namespace, engine: Engine) -> int:
     if args.clear:
         if args.priority is not None or args.protected is not None:
             raise UsageError("--clear cannot be combined with --priority, --protect or --unprotect")
-        engine.journal.clear_label(name)
+        engine.clear_label(name)
         print(f"{name}: label cleared")
         return EXIT_OK
     if args.priority is None and args.protected is None:
         raise UsageError("label needs --priority N, --protect, --unprotect or --clear")
-    engine.journal.set_label(name, Label(priority=args.priority, protected=args.protected))
-    priority = engine.priorities([name])[name]
+    priority = engine.label(name, Label(priority=args.priority, protected=args.protected))
     protection = "protected" if priority.protected else "not protected"
     print(f"{name}: priority {priority.value} (from {priority.source}), {protection}")
     return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace, engine: Engine) -> int:
-    from evictor.daemon import Daemon, check_private  # APScheduler, HTTP: only for the daemon
+    from evictor.daemon import Daemon  # APScheduler, HTTP: only for the daemon
+    from evictor.engine import check_private
     from evictor.metrics import Metrics
 
     config_path = args.config or DEFAULT_CONFIG_PATH
@@ -406,94 +412,36 @@ def _cmd_run(args: argparse.Namespace, engine: Engine) -> int:
 
 
 def _cmd_make_room(args: argparse.Namespace, engine: Engine) -> int:
-    name = validate_container_name(args.name)
-    expected = args.bytes
-    if expected is None:
-        expected = engine.runtime.memory_limit_bytes(name)
-        if expected is None:
-            raise UsageError(f"{name}: has no memory limit in its LXC config; pass --bytes SIZE")
-    sample = engine.monitor.sample(skip=frozenset({name}))  # it may be starting: see sample()
-    now = time.time()
-    names = {c.name for c in sample.containers} | {name}
-    plan = plan_make_room(
-        host=sample.host,
-        containers=sample.containers,
-        priorities=engine.priorities(names),
-        histories=engine.histories(now),
-        config=engine.config,
-        now=now,
-        target=name,
-        expected_bytes=expected,
-    )
+    plan, outcomes = engine.make_room(validate_container_name(args.name), args.bytes)
     print(f"{plan.triggers[0]}; reclaiming {format_bytes(plan.reclaim_target_bytes)}")
-    evicted = 0
-    for outcome in engine.evict_in_turn(
-        plan, reason=lambda _: f"make room for {name}", stopping=threading.Event()
-    ):
-        if outcome.error is not None:
-            _report(outcome.error)
-            continue
-        evicted += outcome.decision.size_bytes
-        print(f"evicted {outcome.decision.container}: {outcome.decision.reason}")
+    _report_all(outcomes, lambda o: f"evicted {o.container}: {o.reason}")
     for note in plan.notes:
         print(f"note: {note}")
+    evicted = sum(o.memory_bytes for o in outcomes if o.succeeded)
     return EXIT_OK if evicted >= plan.reclaim_target_bytes else EXIT_FAILED
 
 
 def _cmd_drain(args: argparse.Namespace, engine: Engine) -> int:
-    sample = engine.monitor.sample()
-    priorities = engine.priorities(c.name for c in sample.containers)
-    running = sorted(
-        (
-            c
-            for c in sample.containers
-            if c.state is ContainerState.RUNNING and (args.all or not priorities[c.name].protected)
+    drained = engine.drain(include_protected=args.all)
+    code = _report_all(
+        drained.outcomes,
+        lambda o: (
+            f"drained {o.container}: image {format_bytes(o.image_bytes)},"
+            f" {o.duration_seconds:.2f} s"
         ),
-        key=lambda c: (priorities[c.name].value, c.name),
     )
-    skipped = [
-        c.name for c in sample.containers if c.state is ContainerState.RUNNING and c not in running
-    ]
-    failed = 0
-    for container in running:
-        try:
-            done = checkpoint.evict(
-                engine.runtime,
-                engine.store,
-                engine.journal,
-                container.name,
-                reason="drain",
-                drained=True,
-            )
-        except EvictorError as error:
-            failed += 1
-            _report(error)
-            continue
-        print(
-            f"drained {container.name}: image {format_bytes(done.manifest.image_bytes)},"
-            f" {done.duration_seconds:.2f} s"
-        )
-    if skipped:
-        print(f"left running (protected; --all drains them too): {', '.join(skipped)}")
-    return EXIT_FAILED if failed else EXIT_OK
+    if drained.left_running:
+        listed = ", ".join(drained.left_running)
+        print(f"left running (protected; --all drains them too): {listed}")
+    return code
 
 
 def _cmd_resume(args: argparse.Namespace, engine: Engine) -> int:
-    for name in args.names:
-        validate_container_name(name)
-    managed = engine.journal.managed()
-    names = args.names or [n for n, m in managed.items() if m.drained]
-    priorities = engine.priorities(names)
-    ordered = sorted(names, key=lambda n: (-priorities[n].value, n))
-
-    def resume_one(name: str) -> str:
-        done = restore.restore(engine.runtime, engine.store, engine.journal, name)
-        return f"resumed {name}: {done.duration_seconds:.2f} s"
-
-    if not ordered:
+    outcomes = engine.resume(args.names)
+    if not outcomes:
         print("nothing to resume: no drained containers")
         return EXIT_OK
-    return _for_each(ordered, resume_one)
+    return _report_all(outcomes, lambda o: f"resumed {o.container}: {o.duration_seconds:.2f} s")
 
 
 def _cmd_check_config(args: argparse.Namespace, engine: Engine) -> int:
@@ -503,7 +451,7 @@ def _cmd_check_config(args: argparse.Namespace, engine: Engine) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, engine: Engine) -> int:
-    from evictor import demo  # the demo pulls in the testbed and the daemon
+    from evictor.tools import demo  # the demo pulls in the testbed and the daemon
 
     return demo.run(state_dir=engine.config.state_dir, once=args.once, port=args.port)
 
@@ -534,8 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args, _engine(args)))
-    except (UsageError, ConfigError) as error:
-        print(f"evictor: error: {error}", file=sys.stderr)
+    except UsageError as error:
+        _report(error)
         return EXIT_USAGE
     except EvictorError as error:
         _report(error)

@@ -11,8 +11,9 @@ import os
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
-from evictor.errors import PreflightError
+from evictor.errors import CriuOutputError, PreflightError
 
 # Printed on every dump and restore on machines without CAP_SYS_RESOURCE, where
 # CRIU cannot raise its own RLIMIT_NOFILE; it is harmless, never the reason.
@@ -77,19 +78,16 @@ _DUMP_FIELDS = {
 }
 # A stats file starts with two little-endian magics, CRIU's "service image" one
 # and the STATS one; the entry follows as a 32-bit length and a protobuf message.
+DUMP_STATS_NAME = "stats-dump"
 _IMG_SERVICE_MAGIC = 0x55105940
 _STATS_MAGIC = 0x57093306
-
-
-class StatsFormatError(ValueError):
-    pass
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(data):
-            raise StatsFormatError("truncated varint")
+            raise CriuOutputError("truncated varint")
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -114,26 +112,32 @@ def _fields(data: bytes) -> dict[int, int | bytes]:
         elif wire_type in (1, 5):
             pos += 8 if wire_type == 1 else 4
         else:
-            raise StatsFormatError(f"unsupported wire type {wire_type}")
+            raise CriuOutputError(f"unsupported wire type {wire_type}")
     return fields
 
 
 def _stats_entry(raw: bytes, field: int) -> dict[int, int | bytes]:
     if len(raw) < 12:
-        raise StatsFormatError("stats file too short")
+        raise CriuOutputError("stats file too short")
     common, magic, length = struct.unpack_from("<III", raw)
     if common != _IMG_SERVICE_MAGIC or magic != _STATS_MAGIC:
-        raise StatsFormatError("not a CRIU stats file")
+        raise CriuOutputError("not a CRIU stats file")
     entry = _fields(raw[12 : 12 + length])
     inner = entry.get(field)
     if not isinstance(inner, bytes):
-        raise StatsFormatError("stats entry missing")
+        raise CriuOutputError("stats entry missing")
     return _fields(inner)
 
 
 def parse_dump_stats(raw: bytes) -> DumpStats:
     fields = _stats_entry(raw, 1)
     return DumpStats(**{name: int(fields.get(n, 0)) for n, name in _DUMP_FIELDS.items()})
+
+
+def read_dump_stats(image_dir: Path) -> DumpStats:
+    """CRIU's figures for the dump in ``image_dir``: CRIU writes them only once a
+    dump has succeeded. Raises OSError or CriuOutputError."""
+    return parse_dump_stats((image_dir / DUMP_STATS_NAME).read_bytes())
 
 
 # Binaries, as (path, inode, mtime), that passed ``criu check`` in this process.

@@ -13,7 +13,6 @@ import fcntl
 import logging
 import os
 import signal
-import stat
 import threading
 import time
 from types import FrameType
@@ -21,13 +20,11 @@ from wsgiref.simple_server import WSGIServer
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from evictor import criu, restore
 from evictor.config import describe
 from evictor.engine import Engine
-from evictor.errors import EvictorError, ImageError, LockBusy
-from evictor.metrics import Metrics, Snapshot
-from evictor.ranking import Decision, Plan
-from evictor.reconcile import reconcile
+from evictor.errors import LockBusy
+from evictor.metrics import Metrics
+from evictor.ranking import Action, Plan
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +35,6 @@ class _SkippedTickFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "maximum number of running instances reached" not in record.getMessage()
-
-
-def check_private(path: os.PathLike[str] | str, what: str) -> None:
-    """Refuse to run from a directory or file others may write to."""
-    mode = os.stat(path).st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise EvictorError(
-            f"{what} {path} is writable by group or others"
-            f" (mode {stat.S_IMODE(mode):o}): make it root-only"
-        )
 
 
 class Daemon:
@@ -63,20 +50,12 @@ class Daemon:
     # --- start-up ---
 
     def start_up(self) -> None:
-        """Check the host, settle interrupted work, release drained containers."""
+        """Hold the daemon lock, then let the engine check the host and settle."""
         config = self.engine.config
         log.info("starting: %s", describe(config))
         config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        check_private(config.state_dir, "state directory")
         self._hold_daemon_lock()
-        self.engine.store.ensure()
-        criu.check_criu()
-        journal = self.engine.journal
-        reconcile(self.engine.runtime, self.engine.store, journal)
-        for name, managed in journal.managed().items():
-            if managed.drained:
-                journal.set_drained(name, False)
-                log.info("%s: drained before this start; restoring it as memory allows", name)
+        self.engine.start_up()
 
     def _hold_daemon_lock(self) -> None:
         """One daemon per state directory: a second one fails at once, naming the first."""
@@ -110,66 +89,22 @@ class Daemon:
             self.metrics.tick_seconds.observe(time.monotonic() - started)
 
     def _tick(self) -> None:
-        engine = self.engine
         now = time.time()
-        sample = engine.monitor.sample()
-        managed = engine.journal.managed()
-        held = frozenset(name for name, m in managed.items() if m.drained)
-        assessment = engine.assess(sample, now, self.last_pressure_at, held)
-        plan = assessment.plan
-        if plan.pressure:
+        assessment = self.engine.assess(now=now, last_pressure_at=self.last_pressure_at)
+        if assessment.plan.pressure:
             self.last_pressure_at = now
-        store_size, store_free = engine.store.capacity()
-        self.metrics.update(
-            Snapshot(
-                sample=sample,
-                plan=plan,
-                priorities=assessment.priorities,
-                managed={name: m.state.value for name, m in managed.items()},
-                images_bytes=sum(c.image_bytes or 0 for c in sample.containers),
-                store_size_bytes=store_size,
-                store_free_bytes=store_free,
-            )
-        )
-        self.act(plan)
+        self.metrics.update(assessment)
+        self.act(assessment.plan)
 
     def act(self, plan: Plan) -> None:
-        """Carry out the plan's evictions and restores, stopping early when asked to."""
-        cause = plan.triggers[0].kind.value if plan.triggers else "none"
-
-        def reason(decision: Decision) -> str:
-            return f"{plan.triggers[0]}: {decision.reason}" if plan.triggers else decision.reason
-
-        for outcome in self.engine.evict_in_turn(plan, reason=reason, stopping=self.stopping):
-            name = outcome.decision.container
+        """Carry out the plan, recording each outcome; stop early when asked to."""
+        for outcome in self.engine.carry_out(plan, stopping=self.stopping):
+            self.metrics.record(outcome)
             if outcome.error is not None:
-                log.error("eviction of %s failed: %s", name, outcome.error)
-                self.metrics.evictions.labels(container=name, result="failure", cause=cause).inc()
-                self.metrics.errors.labels(kind=type(outcome.error).__name__).inc()
-                continue
-            assert outcome.eviction is not None
-            self.metrics.evictions.labels(container=name, result="success", cause=cause).inc()
-            self.metrics.checkpoint_seconds.observe(outcome.eviction.duration_seconds)
-            manifest = outcome.eviction.manifest
-            self.metrics.frozen_seconds.observe(manifest.dump_stats.frozen_time_us / 1e6)
-            self.metrics.image_bytes.observe(manifest.image_bytes)
-        for decision in plan.restores:
-            if self.stopping.is_set():
-                return
-            try:
-                restoration = restore.restore(
-                    self.engine.runtime, self.engine.store, self.engine.journal, decision.container
-                )
-            except EvictorError as error:
-                log.error("restore of %s failed: %s", decision.container, error)
-                if isinstance(error, ImageError):
-                    self.metrics.image_rejections.labels(container=decision.container).inc()
-                self.metrics.restores.labels(container=decision.container, result="failure").inc()
-                self.metrics.errors.labels(kind=type(error).__name__).inc()
-                continue
-            log.info("restored %s: %s", decision.container, decision.reason)
-            self.metrics.restores.labels(container=decision.container, result="success").inc()
-            self.metrics.restore_seconds.observe(restoration.duration_seconds)
+                what = "eviction" if outcome.action is Action.EVICT else "restore"
+                log.error("%s of %s failed: %s", what, outcome.container, outcome.error)
+            elif outcome.action is Action.RESTORE:
+                log.info("restored %s: %s", outcome.container, outcome.reason)
 
     # --- running ---
 

@@ -1,41 +1,93 @@
-"""Wiring: the adapters and the decision core, built from one Config.
+"""The one way in: every operation on containers, for the CLI and the daemon.
 
-The CLI and the daemon both act through an Engine, so a command and the
-daemon see the same priorities, history and plan.
+The Engine wires the adapters (LXC and CRIU, the image store, the journal, the
+monitor) to the decision core, built from one Config. Each operation returns
+values: an Assessment to report on, or an Outcome per container acted on,
+from which the daemon makes its metrics and the CLI its output. Neither of
+them touches an adapter.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import os
+import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from evictor import checkpoint
+from evictor import checkpoint, criu, reconcile, restore
 from evictor.config import Config
-from evictor.errors import EvictorError
+from evictor.errors import EvictorError, ImageError, PreflightError, UsageError
 from evictor.images import ImageStore
-from evictor.journal import Journal
+from evictor.journal import Journal, ManagedContainer
 from evictor.lxc_runtime import LxcRuntime
+from evictor.model import ContainerState, History, Label, Priority, validate_container_name
 from evictor.monitor import DEFAULT_PROC_ROOT, Monitor, Sample
-from evictor.ranking import Decision, History, Plan, Priority, plan, resolve_priority
+from evictor.ranking import (
+    Action,
+    Decision,
+    Plan,
+    TriggerKind,
+    eligibility,
+    plan,
+    plan_make_room,
+    resolve_priority,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Assessment:
+    """One look at the host: the sample, the plan made from it, and what it was made of."""
+
+    sample: Sample
     plan: Plan
     priorities: dict[str, Priority]
     histories: dict[str, History]
+    managed: dict[str, ManagedContainer]  # what the journal records of each container
+    standing: dict[str, str]  # may the planner evict it now? one phrase per container
+    store_size_bytes: int
+    store_free_bytes: int
+
+    @property
+    def images_bytes(self) -> int:
+        return sum(c.image_bytes or 0 for c in self.sample.containers)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EvictionOutcome:
-    """One planned eviction, done (``eviction``) or failed (``error``)."""
+class Outcome:
+    """What one operation did to one container."""
 
-    decision: Decision
-    eviction: checkpoint.Eviction | None = None
+    container: str
+    action: Action
+    cause: TriggerKind | None  # the trigger that asked for it; None: an operator's command
+    reason: str
+    memory_bytes: int = 0  # evict: in use before the dump; restore: the footprint taken back
+    image_bytes: int = 0
+    duration_seconds: float = 0.0  # evict: preflight to commit; restore: to RUNNING
+    frozen_seconds: float = 0.0  # evict: how long CRIU kept the container frozen
+    evicted_seconds: float = 0.0  # restore: how long it had been evicted
     error: EvictorError | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None
+
+    @property
+    def image_rejected(self) -> bool:
+        """A restore refused because the image is missing or failed verification."""
+        return isinstance(self.error, ImageError)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Drain:
+    outcomes: tuple[Outcome, ...]
+    left_running: tuple[str, ...]  # protected ones, unless all were asked for
 
 
 class Engine:
@@ -47,65 +99,58 @@ class Engine:
         cgroup_root: Path = Path("/sys/fs/cgroup"),
     ) -> None:
         self.config = config
-        self.runtime = LxcRuntime(config.lxc_path, proc_root=proc_root, cgroup_root=cgroup_root)
-        self.store = ImageStore(config.image_dir)
-        self.monitor = Monitor(self.runtime, self.store, proc_root)
+        self._runtime = LxcRuntime(config.lxc_path, proc_root=proc_root, cgroup_root=cgroup_root)
+        self._store = ImageStore(config.image_dir)
+        self._monitor = Monitor(self._runtime, self._store, proc_root)
 
     @functools.cached_property
-    def journal(self) -> Journal:
+    def _journal(self) -> Journal:
         """Opened on first use, so that read-only commands on a fresh host create nothing."""
         return Journal(self.config.state_dir / "journal.db")
 
+    def close(self) -> None:
+        if "_journal" in self.__dict__:
+            self._journal.close()
+
+    def _has_journal(self) -> bool:
+        return "_journal" in self.__dict__ or (self.config.state_dir / "journal.db").exists()
+
+    # --- what the planner reads ---
+
     def priorities(self, names: Iterable[str]) -> dict[str, Priority]:
-        labels = self.journal.labels() if self._has_journal() else {}
+        labels = self._journal.labels() if self._has_journal() else {}
         return {n: resolve_priority(n, labels.get(n), self.config.priorities) for n in names}
 
-    def histories(self, now: float) -> dict[str, History]:
+    def _histories(self, now: float) -> dict[str, History]:
         if not self._has_journal():
             return {}
         c = self.config
         horizon = max(c.antithrash.window_seconds, c.antithrash.max_cooldown_seconds)
-        return self.journal.histories(since=now - horizon)
+        return self._journal.histories(since=now - horizon)
 
-    def evict_in_turn(
-        self, plan: Plan, *, reason: Callable[[Decision], str], stopping: threading.Event
-    ) -> Iterator[EvictionOutcome]:
-        """Evict the plan's candidates in turn until its reclaim target is met.
+    def _managed(self) -> dict[str, ManagedContainer]:
+        return self._journal.managed() if self._has_journal() else {}
 
-        An eviction that fails is made up for by the next candidate, from the
-        plan's standby list when its own are used up. Yields each outcome as it
-        happens; stops early when ``stopping`` is set.
+    # --- looking ---
+
+    def sample(self) -> Sample:
+        return self._monitor.sample()
+
+    def assess(self, *, now: float, last_pressure_at: float | None) -> Assessment:
+        """Sample the host and plan; ``last_pressure_at`` is when a trigger last fired.
+
+        Drained containers stay evicted whatever the room (until a restart or
+        ``resume``). The journal is read once, for the plan and for whoever
+        reports on it.
         """
-        evicted_bytes = 0
-        for decision in (*plan.evictions, *plan.standby):
-            if evicted_bytes >= plan.reclaim_target_bytes or stopping.is_set():
-                return
-            try:
-                eviction = checkpoint.evict(
-                    self.runtime,
-                    self.store,
-                    self.journal,
-                    decision.container,
-                    reason=reason(decision),
-                )
-            except EvictorError as error:
-                yield EvictionOutcome(decision=decision, error=error)
-                continue
-            evicted_bytes += decision.size_bytes
-            yield EvictionOutcome(decision=decision, eviction=eviction)
-
-    def assess(
-        self,
-        sample: Sample,
-        now: float,
-        last_pressure_at: float | None,
-        held: frozenset[str] = frozenset(),
-    ) -> Assessment:
-        """The plan for ``sample``, with the priorities and histories it was made from
-        (read from the journal once, for the plan and for whoever reports on it)."""
+        sample = self.sample()
         priorities = self.priorities(c.name for c in sample.containers)
-        histories = self.histories(now)
+        histories = self._histories(now)
+        managed = self._managed()
+        store_size_bytes, store_free_bytes = self._store.capacity()
+        empty = History()
         return Assessment(
+            sample=sample,
             plan=plan(
                 host=sample.host,
                 containers=sample.containers,
@@ -114,11 +159,188 @@ class Engine:
                 config=self.config,
                 now=now,
                 last_pressure_at=last_pressure_at,
-                held=held,
+                held=frozenset(name for name, m in managed.items() if m.drained),
             ),
             priorities=priorities,
             histories=histories,
+            managed=managed,
+            standing={
+                c.name: eligibility(
+                    c, priorities[c.name], histories.get(c.name, empty), self.config, now
+                )
+                for c in sample.containers
+            },
+            store_size_bytes=store_size_bytes,
+            store_free_bytes=store_free_bytes,
         )
 
-    def _has_journal(self) -> bool:
-        return "journal" in self.__dict__ or (self.config.state_dir / "journal.db").exists()
+    # --- acting on one container ---
+
+    def evict(
+        self,
+        name: str,
+        *,
+        cause: TriggerKind | None = None,
+        reason: str = "operator request",
+        drained: bool = False,
+    ) -> Outcome:
+        """Checkpoint ``name`` to disk and stop it; on failure it is left RUNNING."""
+        validate_container_name(name)
+        try:
+            done = checkpoint.evict(
+                self._runtime, self._store, self._journal, name, reason=reason, drained=drained
+            )
+        except UsageError:
+            raise
+        except EvictorError as error:
+            return Outcome(
+                container=name, action=Action.EVICT, cause=cause, reason=reason, error=error
+            )
+        manifest = done.manifest
+        return Outcome(
+            container=name,
+            action=Action.EVICT,
+            cause=cause,
+            reason=reason,
+            memory_bytes=manifest.memory_usage_bytes,
+            image_bytes=manifest.image_bytes,
+            duration_seconds=done.duration_seconds,
+            frozen_seconds=manifest.dump_stats.frozen_time_us / 1e6,
+        )
+
+    def restore(
+        self, name: str, *, cause: TriggerKind | None = None, reason: str = "operator request"
+    ) -> Outcome:
+        """Verify ``name``'s image and restore it; on failure the image is kept."""
+        validate_container_name(name)
+        try:
+            done = restore.restore(self._runtime, self._store, self._journal, name)
+        except UsageError:
+            raise
+        except EvictorError as error:
+            return Outcome(
+                container=name, action=Action.RESTORE, cause=cause, reason=reason, error=error
+            )
+        return Outcome(
+            container=name,
+            action=Action.RESTORE,
+            cause=cause,
+            reason=reason,
+            memory_bytes=done.manifest.memory_usage_bytes,
+            image_bytes=done.manifest.image_bytes,
+            duration_seconds=done.duration_seconds,
+            evicted_seconds=done.evicted_seconds,
+        )
+
+    def label(self, name: str, label: Label) -> Priority:
+        """Merge ``label`` into the container's label; return its effective priority."""
+        self._journal.set_label(validate_container_name(name), label)
+        return self.priorities([name])[name]
+
+    def clear_label(self, name: str) -> None:
+        self._journal.clear_label(validate_container_name(name))
+
+    # --- acting on a plan ---
+
+    def carry_out(self, plan: Plan, *, stopping: threading.Event) -> Iterator[Outcome]:
+        """Carry out a plan, yielding each outcome as it happens; stop early when
+        ``stopping`` is set (an operation under way completes first).
+
+        Evictions go in turn until the reclaim target is met: one that fails is
+        made up for by the next candidate, from the plan's standby list when its
+        own are used up.
+        """
+        cause = plan.triggers[0].kind if plan.triggers else None
+        evicted_bytes = 0
+        for decision in (*plan.evictions, *plan.standby):
+            if evicted_bytes >= plan.reclaim_target_bytes or stopping.is_set():
+                return
+            outcome = self.evict(decision.container, cause=cause, reason=_why(plan, decision))
+            if outcome.succeeded:
+                evicted_bytes += decision.size_bytes
+            yield outcome
+        for decision in plan.restores:
+            if stopping.is_set():
+                return
+            yield self.restore(decision.container, cause=cause, reason=decision.reason)
+
+    def make_room(self, name: str, expected_bytes: int | None) -> tuple[Plan, list[Outcome]]:
+        """Evict containers ranked below ``name`` until ``expected_bytes`` (default: its
+        memory limit) fits; return the plan and what was done. ``name`` may be starting
+        (its pre-start hook asking), so it is not sampled."""
+        validate_container_name(name)
+        if expected_bytes is None:
+            expected_bytes = self._runtime.memory_limit_bytes(name)
+            if expected_bytes is None:
+                raise UsageError(
+                    f"{name}: has no memory limit in its LXC config; pass --bytes SIZE"
+                )
+        sample = self._monitor.sample(skip=frozenset({name}))
+        now = time.time()
+        names = {c.name for c in sample.containers} | {name}
+        room = plan_make_room(
+            host=sample.host,
+            containers=sample.containers,
+            priorities=self.priorities(names),
+            histories=self._histories(now),
+            config=self.config,
+            now=now,
+            target=name,
+            expected_bytes=expected_bytes,
+        )
+        return room, list(self.carry_out(room, stopping=threading.Event()))
+
+    def drain(self, *, include_protected: bool) -> Drain:
+        """Checkpoint every running container (protected ones only if asked), lowest
+        priority first, and hold them evicted until the daemon restarts or ``resume``."""
+        containers = self.sample().containers
+        priorities = self.priorities(c.name for c in containers)
+        running = [c for c in containers if c.state is ContainerState.RUNNING]
+        chosen = sorted(
+            (c for c in running if include_protected or not priorities[c.name].protected),
+            key=lambda c: (priorities[c.name].value, c.name),
+        )
+        outcomes = tuple(self.evict(c.name, reason="drain", drained=True) for c in chosen)
+        return Drain(
+            outcomes=outcomes,
+            left_running=tuple(c.name for c in running if c not in chosen),
+        )
+
+    def resume(self, names: list[str]) -> list[Outcome]:
+        """Restore ``names`` (default: every drained container), highest priority first."""
+        for name in names:
+            validate_container_name(name)
+        if not names:
+            names = [n for n, m in self._managed().items() if m.drained]
+        priorities = self.priorities(names)
+        ordered = sorted(names, key=lambda n: (-priorities[n].value, n))
+        return [self.restore(name, reason="resume") for name in ordered]
+
+    # --- the daemon's start ---
+
+    def start_up(self) -> None:
+        """Check the host, settle what was interrupted, release drained containers."""
+        self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private(self.config.state_dir, "state directory")
+        self._store.ensure()
+        criu.check_criu()
+        journal = self._journal
+        reconcile.reconcile(self._runtime, self._store, journal)
+        for name, managed in journal.managed().items():
+            if managed.drained:
+                journal.set_drained(name, False)
+                log.info("%s: drained before this start; restoring it as memory allows", name)
+
+
+def _why(plan: Plan, decision: Decision) -> str:
+    return f"{plan.triggers[0]}: {decision.reason}" if plan.triggers else decision.reason
+
+
+def check_private(path: os.PathLike[str] | str, what: str) -> None:
+    """Refuse to run from a directory or file others may write to."""
+    mode = os.stat(path).st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PreflightError(
+            f"{what} {path} is writable by group or others"
+            f" (mode {stat.S_IMODE(mode):o}): make it root-only"
+        )

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import xxhash
 
-from evictor.errors import CorruptImage, ImageError, LockBusy, NoImage
-from evictor.manifest import MANIFEST_NAME, ImageFile, Manifest, ManifestError
+from evictor.criu import DumpStats
+from evictor.errors import CorruptImage, ImageError, LockBusy, ManifestError, NoImage
+from evictor.manifest import MANIFEST_NAME, ImageFile, Manifest
 from evictor.model import validate_container_name
 
 # Files a failed restore attempt adds beside a committed image; they are not
@@ -183,6 +184,33 @@ class ImageStore:
         _fsync_dir(directory)
         return files
 
+    def commit_dump(
+        self,
+        container: str,
+        *,
+        files: tuple[ImageFile, ...],
+        lxc_path: Path,
+        reason: str,
+        memory_usage_bytes: int,
+        dump_duration_seconds: float,
+        dump_stats: DumpStats,
+        evicted_at: float,
+    ) -> Manifest:
+        """Commit a sealed dump (``files``, from seal): from here on it is the
+        container's state. The one place a manifest is made."""
+        manifest = Manifest(
+            container=container,
+            lxc_path=str(lxc_path),
+            reason=reason,
+            evicted_at=evicted_at,
+            memory_usage_bytes=memory_usage_bytes,
+            dump_duration_seconds=round(dump_duration_seconds, 6),
+            files=files,
+            dump_stats=dump_stats,
+        )
+        self.commit(manifest)
+        return manifest
+
     def commit(self, manifest: Manifest) -> None:
         """Write the manifest atomically: after this the image is the container's state."""
         directory = self.path(manifest.container)
@@ -217,16 +245,6 @@ class ImageStore:
                 f"{container}: manifest is for container {manifest.container!r}",
                 container=container,
             )
-        return manifest
-
-    def verify(self, container: str) -> Manifest:
-        """Load the manifest and check every image file against it.
-
-        Raises CorruptImage naming the first problem; the image is left as it is.
-        """
-        manifest = self.load(container)
-        self.verify_metadata(manifest)
-        self.verify_memory(manifest)
         return manifest
 
     def verify_metadata(self, manifest: Manifest) -> None:
@@ -287,9 +305,10 @@ class ImageStore:
         return self.capacity()[1]
 
     def capacity(self) -> tuple[int, int]:
-        """(size, free) of the filesystem holding the store, in bytes."""
-        self.ensure()
-        stat = os.statvfs(self.root)
+        """(size, free) of the filesystem that holds (or will hold) the store, in bytes;
+        creates nothing."""
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        stat = os.statvfs(existing)
         return stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
 
     def images(self) -> list[StoredImage]:

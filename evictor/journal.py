@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from evictor.ranking import CheckpointFailure, History, Label
+from evictor.model import CheckpointFailure, History, Label, Managed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (
@@ -52,20 +52,6 @@ _ADDED_COLUMNS = {
         "config_digest": "TEXT",
     },
 }
-
-
-class Managed(enum.Enum):
-    """Where evictor stands with a container; EVICTING and RESTORING are in-flight.
-
-    A crash leaves a container in an in-flight state, which the daemon
-    reconciles with reality at its next start.
-    """
-
-    RUNNING = "RUNNING"
-    EVICTING = "EVICTING"
-    EVICTED = "EVICTED"
-    RESTORING = "RESTORING"
-    FAILED = "FAILED"  # its restore failed; the image is kept and retried with backoff
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -168,7 +154,8 @@ class Journal:
         reason: str = "",
         drained: bool | None = None,
     ) -> None:
-        """Record ``container``'s state; ``drained`` None keeps the current flag."""
+        """Record ``container``'s state (lifecycle.move decides whether it may change);
+        ``drained`` None keeps the current flag."""
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO containers (container, state, reason, updated_at, drained)"
@@ -178,6 +165,13 @@ class Journal:
                 " drained = CASE WHEN ? IS NULL THEN containers.drained ELSE excluded.drained END",
                 (container, state.value, reason, at, int(bool(drained)), drained),
             )
+
+    def state(self, container: str) -> Managed:
+        """The container's recorded state; RUNNING if the journal never saw it."""
+        row = self._db.execute(
+            "SELECT state FROM containers WHERE container = ?", (container,)
+        ).fetchone()
+        return Managed.RUNNING if row is None else Managed(row[0])
 
     def set_drained(self, container: str, drained: bool) -> None:
         with self._transaction() as db:

@@ -19,12 +19,21 @@ from pathlib import Path
 import lxc
 
 from evictor import cgroups, criu
-from evictor.errors import CheckpointFailed, ContainerNotFound, EvictorError, RestoreFailed
+from evictor.errors import (
+    CheckpointFailed,
+    ContainerCommandFailed,
+    ContainerNotFound,
+    Phase,
+    RestoreFailed,
+)
 from evictor.model import ContainerState
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LXC_PATH = Path("/var/lib/lxc")
+# How long an lxc-checkpoint (and so a CRIU dump or restore) may take before it
+# is killed; a daemon that finds one still running at its start waits as long.
+COMMAND_TIMEOUT_SECONDS = 900.0
 
 
 class LxcRuntime:
@@ -36,7 +45,7 @@ class LxcRuntime:
         *,
         proc_root: Path = Path("/proc"),
         cgroup_root: Path = Path("/sys/fs/cgroup"),
-        command_timeout_seconds: float = 900.0,
+        command_timeout_seconds: float = COMMAND_TIMEOUT_SECONDS,
     ) -> None:
         self.lxc_path = lxc_path
         self.proc_root = proc_root
@@ -63,9 +72,6 @@ class LxcRuntime:
         for gone in self._handles.keys() - set(names):
             del self._handles[gone]
         return names
-
-    def exists(self, name: str) -> bool:
-        return bool(lxc.Container(name, str(self.lxc_path)).defined)
 
     def state(self, name: str) -> ContainerState:
         return ContainerState(self._container(name).state)
@@ -119,7 +125,9 @@ class LxcRuntime:
 
     def thaw(self, name: str) -> None:
         if not self._container(name).unfreeze():
-            raise EvictorError(f"{name}: could not thaw the frozen container", container=name)
+            raise ContainerCommandFailed(
+                f"{name}: could not thaw the frozen container", container=name
+            )
 
     def wait_for_state(self, name: str, state: ContainerState, timeout_seconds: float) -> bool:
         return bool(self._container(name).wait(state.value, math.ceil(timeout_seconds)))
@@ -136,7 +144,7 @@ class LxcRuntime:
             raise CheckpointFailed(
                 f"{name}: CRIU dump failed: {lines[-1] if lines else 'no reason logged'}",
                 container=name,
-                phase="dump",
+                phase=Phase.DUMP,
                 log_lines=lines,
                 # killed or timed out (a negative code): whatever CRIU logged, not the cause
                 persistent=result.returncode > 0 and criu.cause_persists(criu_errors),
@@ -169,7 +177,7 @@ class LxcRuntime:
             raise RestoreFailed(
                 f"{name}: CRIU restore failed: {lines[-1] if lines else 'no reason logged'}",
                 container=name,
-                phase="restore",
+                phase=Phase.RESTORE,
                 log_lines=lines,
             )
 
@@ -196,17 +204,18 @@ class LxcRuntime:
         return pids
 
     def start(self, name: str) -> None:
+        """Start the container cold (``lxc-start``): for tools and demos."""
         self._checked(["lxc-start", "-P", str(self.lxc_path), "-n", name], name)
 
     def stop(self, name: str) -> None:
-        """Stop the container at once (SIGKILL to its init): for tests and demos."""
+        """Stop the container at once (SIGKILL to its init)."""
         if self.state(name) is ContainerState.FROZEN:
             self.thaw(name)
         if self.state(name) is not ContainerState.STOPPED:
             self._checked(["lxc-stop", "-P", str(self.lxc_path), "-n", name, "-k"], name)
 
     def destroy(self, name: str) -> None:
-        """Stop and delete the container with its rootfs: for tests and demos."""
+        """Stop and delete the container with its rootfs: for tools and demos."""
         self.stop(name)
         self._checked(["lxc-destroy", "-P", str(self.lxc_path), "-n", name], name)
 
@@ -214,7 +223,7 @@ class LxcRuntime:
         result = self._run(argv)
         if result.returncode != 0:
             reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise EvictorError(f"{name}: {argv[0]} failed: {reason}", container=name)
+            raise ContainerCommandFailed(f"{name}: {argv[0]} failed: {reason}", container=name)
 
     def _run(
         self, argv: list[str], environment: dict[str, str] | None = None

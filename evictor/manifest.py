@@ -13,15 +13,11 @@ import json
 from typing import Any
 
 from evictor.criu import DumpStats
-from evictor.errors import UsageError
+from evictor.errors import ManifestError, UsageError
 from evictor.model import validate_container_name
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-
-
-class ManifestError(ValueError):
-    """The manifest cannot be parsed or does not match its own checksum."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

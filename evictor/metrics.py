@@ -1,14 +1,13 @@
 """Prometheus metrics: every eviction and restore, and the state of the host.
 
-Counters and histograms are updated as things happen; gauges are read from the
-daemon's latest sample and plan at scrape time, so a container that disappears
+Counters and histograms are made from the engine's outcomes as they happen;
+gauges are read from the daemon's latest assessment at scrape time, so a container that disappears
 disappears from the gauges too. Names follow Prometheus conventions: the
 ``evictor_`` prefix, base units (bytes, seconds, ratios), ``_total`` counters.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
@@ -19,44 +18,32 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from evictor.config import Metrics as MetricsConfig
-from evictor.monitor import Sample
-from evictor.ranking import Plan, Priority, TriggerKind
+from evictor.engine import Assessment, Outcome
+from evictor.model import Managed
+from evictor.ranking import Action, TriggerKind
 
 log = logging.getLogger(__name__)
 
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 # evictor's own states that say more than LXC's (which shows them STOPPED or RUNNING)
-_IN_FLIGHT_OR_FAILED = ("EVICTING", "RESTORING", "FAILED")
+_IN_FLIGHT_OR_FAILED = (Managed.EVICTING, Managed.RESTORING, Managed.FAILED)
 _BYTES_BUCKETS = tuple(float(1 << n) for n in range(20, 38, 2))  # 1 MiB .. 64 GiB
 # The causes of the daemon's own evictions (make-room runs in the CLI)
 _DAEMON_CAUSES = tuple(kind.value for kind in TriggerKind if kind is not TriggerKind.MAKE_ROOM)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Snapshot:
-    """What the gauges report: the daemon's latest view."""
-
-    sample: Sample
-    plan: Plan
-    priorities: dict[str, Priority]
-    managed: dict[str, str]  # container -> evictor's state (RUNNING, EVICTED, FAILED...)
-    images_bytes: int
-    store_size_bytes: int
-    store_free_bytes: int
-
-
 class _Gauges(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._snapshot: Snapshot | None = None
+        self._assessment: Assessment | None = None
 
-    def update(self, snapshot: Snapshot) -> None:
+    def update(self, assessment: Assessment) -> None:
         with self._lock:
-            self._snapshot = snapshot
+            self._assessment = assessment
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            snapshot = self._snapshot
+            snapshot = self._assessment
         if snapshot is None:
             return
         host = snapshot.sample.host
@@ -135,8 +122,10 @@ class _Gauges(Collector):
             p = snapshot.priorities.get(name)
             if p is not None:
                 priority.add_metric([name, p.source, str(p.protected).lower()], p.value)
-            shown = snapshot.managed.get(name, "")
-            if shown not in _IN_FLIGHT_OR_FAILED:
+            managed = snapshot.managed.get(name)
+            if managed is not None and managed.state in _IN_FLIGHT_OR_FAILED:
+                shown = managed.state.value
+            else:
                 shown = "EVICTED" if container.evicted else container.state.value
             state.add_metric([name, shown], 1)
         yield from (memory, footprint, priority, state, evicted_at)
@@ -196,12 +185,32 @@ class Metrics:
         r.register(self._gauges)
         self._known: set[str] = set()  # containers whose failure series exist
 
-    def update(self, snapshot: Snapshot) -> None:
-        self._gauges.update(snapshot)
-        for container in snapshot.sample.containers:
+    def update(self, assessment: Assessment) -> None:
+        """The gauges now report ``assessment``."""
+        self._gauges.update(assessment)
+        for container in assessment.sample.containers:
             if container.name not in self._known:
                 self._known.add(container.name)
                 self._start_failure_series(container.name)
+
+    def record(self, outcome: Outcome) -> None:
+        """Count one eviction or restore, and time it."""
+        container, result = outcome.container, "success" if outcome.succeeded else "failure"
+        if outcome.error is not None:
+            self.errors.labels(kind=type(outcome.error).__name__).inc()
+        if outcome.action is Action.EVICT:
+            cause = outcome.cause.value if outcome.cause is not None else "operator"
+            self.evictions.labels(container=container, result=result, cause=cause).inc()
+            if outcome.succeeded:
+                self.checkpoint_seconds.observe(outcome.duration_seconds)
+                self.frozen_seconds.observe(outcome.frozen_seconds)
+                self.image_bytes.observe(outcome.image_bytes)
+            return
+        self.restores.labels(container=container, result=result).inc()
+        if outcome.image_rejected:
+            self.image_rejections.labels(container=container).inc()
+        if outcome.succeeded:
+            self.restore_seconds.observe(outcome.duration_seconds)
 
     def _start_failure_series(self, container: str) -> None:
         """Show a container's failure counters at 0 from the first tick that sees it:

@@ -1,4 +1,4 @@
-"""Value objects shared by the adapters and the decision core. No I/O here."""
+"""Value objects shared by the adapters, the decision core and the engine. No I/O here."""
 
 from __future__ import annotations
 
@@ -79,3 +79,56 @@ class ContainerSample:
     evicted_at: float | None = None  # Unix time
     # Identifies the LXC config file's version (a change resets the checkpoint backoff).
     config_digest: str | None = None
+
+
+class Managed(enum.Enum):
+    """Where evictor stands with a container (lifecycle.py has the legal moves).
+
+    RUNNING: in LXC's hands, as any container evictor has not taken; EVICTING
+    and RESTORING are in flight: a crash leaves them, and the next operation
+    on the container (or the daemon's start) settles them with reality.
+    """
+
+    RUNNING = "RUNNING"
+    EVICTING = "EVICTING"
+    EVICTED = "EVICTED"
+    RESTORING = "RESTORING"
+    FAILED = "FAILED"  # its restore failed (image kept, retried with backoff) or could not
+    #                   be undone after a failed eviction (image kept aside)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Label:
+    """What an operator set on one container with ``evictor label``; beats any rule."""
+
+    priority: int | None = None
+    protected: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Priority:
+    value: int
+    protected: bool
+    source: str  # where the value came from: "label", "rule 'db-*'" or "default"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointFailure:
+    """A container's eviction attempts that failed in a row, with one config."""
+
+    reason: str  # CRIU's root cause, as the last attempt reported it
+    at: float  # the last attempt, Unix seconds
+    count: int = 1  # failures in a row since the last success or config change
+    persistent: bool = True  # a cause that cannot pass by itself (a tty, an unsupported fd)
+    config_digest: str | None = None  # the container's LXC config at the last attempt
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class History:
+    """What evictor did to one container lately (times are Unix seconds)."""
+
+    eviction_times: tuple[float, ...] = ()
+    last_restored_at: float | None = None
+    checkpoint_failure: CheckpointFailure | None = None  # its last eviction attempts failed
+    restore_failures: int = 0  # consecutive failed restores
+    last_restore_failure_at: float | None = None

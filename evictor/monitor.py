@@ -15,7 +15,6 @@ again for memory the last eviction already freed.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import psutil
@@ -25,6 +24,7 @@ from evictor.errors import ContainerNotFound
 from evictor.images import ImageStore, StoredImage
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerSample, ContainerState, HostSample
+from evictor.units import PAGE_SIZE_BYTES
 
 DEFAULT_PROC_ROOT = Path("/proc")
 
@@ -67,7 +67,7 @@ def read_per_cpu_free_bytes(proc_root: Path = DEFAULT_PROC_ROOT) -> int:
         text = cgroups.read_text(proc_root / "zoneinfo")
     except OSError:
         return 0
-    return parse_zoneinfo_per_cpu_pages(text) * os.sysconf("SC_PAGE_SIZE")
+    return parse_zoneinfo_per_cpu_pages(text) * PAGE_SIZE_BYTES
 
 
 def read_free_bytes(proc_root: Path = DEFAULT_PROC_ROOT) -> int:

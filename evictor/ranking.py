@@ -25,47 +25,25 @@ import enum
 import heapq
 from collections.abc import Iterable, Mapping
 
-from evictor.config import AntiThrash, Config, EvictPolicy, Priorities, RestorePolicy
-from evictor.model import ContainerSample, ContainerState, HostSample
+from evictor.config import (
+    AntiThrash,
+    Config,
+    EvictPolicy,
+    FailureBackoff,
+    Priorities,
+    RestorePolicy,
+)
+from evictor.model import (
+    CheckpointFailure,
+    ContainerSample,
+    ContainerState,
+    History,
+    HostSample,
+    Label,
+    Priority,
+)
 
 _MIB = 1 << 20
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Label:
-    """What an operator set on one container with ``evictor label``; beats any rule."""
-
-    priority: int | None = None
-    protected: bool | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Priority:
-    value: int
-    protected: bool
-    source: str  # where the value came from: "label", "rule 'db-*'" or "default"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CheckpointFailure:
-    """A container's eviction attempts that failed in a row, with one config."""
-
-    reason: str  # CRIU's root cause, as the last attempt reported it
-    at: float  # the last attempt, Unix seconds
-    count: int = 1  # failures in a row since the last success or config change
-    persistent: bool = True  # a cause that cannot pass by itself (a tty, an unsupported fd)
-    config_digest: str | None = None  # the container's LXC config at the last attempt
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class History:
-    """What evictor did to one container lately (times are Unix seconds)."""
-
-    eviction_times: tuple[float, ...] = ()
-    last_restored_at: float | None = None
-    checkpoint_failure: CheckpointFailure | None = None  # its last eviction attempts failed
-    restore_failures: int = 0  # consecutive failed restores
-    last_restore_failure_at: float | None = None
 
 
 class Action(enum.Enum):
@@ -144,7 +122,7 @@ def eviction_cooldown_seconds(history: History, policy: AntiThrash, now: float) 
     return min(cooldown, policy.max_cooldown_seconds)
 
 
-def failure_backoff_seconds(failures: int, policy: RestorePolicy | EvictPolicy) -> float:
+def failure_backoff_seconds(failures: int, policy: FailureBackoff) -> float:
     """The wait after ``failures`` failures in a row: doubling, capped."""
     if failures == 0:
         return 0.0

@@ -1,51 +1,55 @@
-"""Bring the journal back in line with reality when the daemon starts.
+"""Bring the journal back in line with reality: at the daemon's start, and
+before every operation on a container.
 
-A daemon killed mid-operation leaves a container EVICTING or RESTORING in the
-journal. Whatever the moment, each ends RUNNING, or EVICTED with a complete
-committed image, or FAILED with its image kept for the operator:
+A process killed mid-operation leaves a container EVICTING or RESTORING in the
+journal; an operator may start an evicted container by hand, or remove its
+image. Whatever happened, each container ends RUNNING, or EVICTED with a
+complete committed image, or FAILED with its image kept for the operator:
 
 - EVICTING, container RUNNING (the dump failed or never began): the partial
   image is removed.
-- EVICTING, container FROZEN (CRIU killed while it held the freezer): thawed,
-  then as RUNNING.
+- EVICTING or RESTORING, container FROZEN (CRIU killed while it held the
+  freezer): thawed, then as RUNNING.
 - EVICTING, container STOPPED with a complete dump (CRIU writes ``stats-dump``
   and ``inventory.img`` only when it succeeds): the image is sealed and
   committed, as the eviction would have done.
 - RESTORING, container RUNNING: the restore finished; the image is removed.
 - RESTORING, container STOPPED: still EVICTED; the planner will try again.
+- EVICTED or FAILED, container RUNNING without a committed image: it was
+  started outside evictor and its image is gone: RUNNING.
+- RUNNING, container STOPPED with a committed image the journal has no record
+  of (a lost journal): EVICTED.
 
 lxc-checkpoint and criu run in their own session, so they outlive a killed
-daemon: reconciliation first waits for any still working on an image.
+evictor: settling first waits for any still working on the image.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import time
 
-from evictor import criu
-from evictor.errors import ContainerNotFound
+from evictor import criu, lifecycle
+from evictor.errors import ContainerNotFound, CriuOutputError, ImageError, LockBusy
 from evictor.images import ImageState, ImageStore
-from evictor.journal import Journal, Managed
+from evictor.journal import Journal
 from evictor.lxc_runtime import LxcRuntime
-from evictor.manifest import Manifest
-from evictor.model import ContainerState
+from evictor.model import ContainerState, Managed
+from evictor.units import PAGE_SIZE_BYTES
 
 log = logging.getLogger(__name__)
 
-TOOLS_TIMEOUT_SECONDS = 900.0
-
 
 def _wait_for_tools(runtime: LxcRuntime, store: ImageStore, name: str) -> None:
-    deadline = time.monotonic() + TOOLS_TIMEOUT_SECONDS
+    timeout_seconds = runtime.command_timeout_seconds
+    deadline = time.monotonic() + timeout_seconds
     while pids := runtime.tools_using(store.path(name)):
         if time.monotonic() > deadline:
             log.error(
                 "%s: lxc-checkpoint/criu (pids %s) still running after %.0f s",
                 name,
                 pids,
-                TOOLS_TIMEOUT_SECONDS,
+                timeout_seconds,
             )
             return
         log.info("%s: waiting for an interrupted checkpoint or restore (pids %s)", name, pids)
@@ -53,43 +57,83 @@ def _wait_for_tools(runtime: LxcRuntime, store: ImageStore, name: str) -> None:
 
 
 def dump_is_complete(store: ImageStore, name: str) -> bool:
-    directory = store.path(name)
     try:
-        criu.parse_dump_stats((directory / "stats-dump").read_bytes())
-    except (OSError, criu.StatsFormatError):
+        criu.read_dump_stats(store.path(name))
+    except (OSError, CriuOutputError):
         return False
-    return (directory / "inventory.img").is_file()
+    return (store.path(name) / "inventory.img").is_file()
 
 
 def reconcile(runtime: LxcRuntime, store: ImageStore, journal: Journal) -> list[str]:
-    """Settle every in-flight container; log and return one line per container settled."""
+    """Settle every container the journal knows; log and return one line per container
+    settled. One that another evictor process holds is left to it."""
     settled = []
-    for name, managed in sorted(journal.managed().items()):
-        if managed.state not in (Managed.EVICTING, Managed.RESTORING):
+    for name in sorted(journal.managed()):
+        try:
+            with store.lock(name):
+                outcome = settle(runtime, store, journal, name)
+        except LockBusy:
             continue
-        _wait_for_tools(runtime, store, name)
-        with store.lock(name):
-            try:
-                outcome = _settle(runtime, store, journal, name, managed.state, managed.reason)
-            except ContainerNotFound:
-                journal.set_state(
-                    name,
-                    Managed.FAILED,
-                    at=time.time(),
-                    reason="container was deleted while evictor worked on it",
-                )
-                outcome = "deleted meanwhile; image (if any) kept"
-        message = f"{name}: was {managed.state.value} when evictor stopped; {outcome}"
-        log.warning("reconciled %s", message)
-        settled.append(message)
+        if outcome is not None:
+            settled.append(outcome)
     return settled
 
 
-def _settle(
-    runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str, was: Managed, reason: str
+def settle(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str) -> str | None:
+    """Bring ``name``'s record in line with reality (its lock held); log and return
+    what changed, or None if nothing needed to."""
+    recorded = journal.state(name)
+    outcome: str | None
+    try:
+        if recorded in lifecycle.IN_FLIGHT:
+            _wait_for_tools(runtime, store, name)
+            outcome = _settle_in_flight(runtime, store, journal, name, recorded)
+        else:
+            outcome = _settle_at_rest(runtime, store, journal, name, recorded)
+    except ContainerNotFound:
+        if recorded not in lifecycle.IN_FLIGHT:
+            return None  # an operation on it will say so
+        lifecycle.move(
+            journal,
+            name,
+            Managed.FAILED,
+            at=time.time(),
+            reason="container was deleted while evictor worked on it",
+        )
+        outcome = "deleted meanwhile; image (if any) kept"
+    if outcome is None:
+        return None
+    line = f"{name}: was {recorded.value}; {outcome}"
+    log.warning("reconciled %s", line)
+    return line
+
+
+def _settle_at_rest(
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str, recorded: Managed
+) -> str | None:
+    state = runtime.state(name)
+    committed = store.image_state(name) is ImageState.COMMITTED
+    now = time.time()
+    at_rest = recorded in (Managed.EVICTED, Managed.FAILED)
+    if at_rest and state is ContainerState.RUNNING and not committed:
+        lifecycle.move(journal, name, Managed.RUNNING, at=now, reason="started outside evictor")
+        return "started outside evictor, and its image is gone: RUNNING"
+    if recorded is Managed.RUNNING and state is ContainerState.STOPPED and committed:
+        try:
+            store.load(name)
+        except ImageError:
+            return None  # not a manifest evictor wrote: a restore will refuse it
+        lifecycle.move(journal, name, Managed.EVICTED, at=now, reason="committed image found")
+        return "stopped with a committed image the journal had no record of: EVICTED"
+    return None
+
+
+def _settle_in_flight(
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str, was: Managed
 ) -> str:
     state = runtime.state(name)
     now = time.time()
+    reason = journal.managed()[name].reason
     if state is ContainerState.FROZEN:
         runtime.thaw(name)
         state = runtime.state(name)
@@ -97,43 +141,36 @@ def _settle(
     if state is ContainerState.RUNNING:
         if was is Managed.RESTORING and image is ImageState.COMMITTED:
             store.discard(name)
-            journal.set_state(name, Managed.RUNNING, at=now, reason="restored", drained=False)
+            lifecycle.move(journal, name, Managed.RUNNING, at=now, reason="restored", drained=False)
             return "its restore had finished: RUNNING, image removed"
         store.discard_partial(name)
-        journal.set_state(name, Managed.RUNNING, at=now, reason="eviction interrupted")
+        lifecycle.move(journal, name, Managed.RUNNING, at=now, reason="eviction interrupted")
         return "RUNNING, partial image removed"
     if image is ImageState.COMMITTED:
-        journal.set_state(name, Managed.EVICTED, at=now, reason=reason)
+        lifecycle.move(journal, name, Managed.EVICTED, at=now, reason=reason)
         return "EVICTED with its committed image"
     if image is ImageState.PARTIAL and dump_is_complete(store, name):
-        _commit_interrupted(runtime, store, name, reason)
-        journal.set_state(name, Managed.EVICTED, at=now, reason=reason)
+        directory = store.path(name)
+        stats = criu.read_dump_stats(directory)
+        store.commit_dump(
+            name,
+            files=store.seal(name),
+            lxc_path=runtime.lxc_path,
+            reason=f"{reason} (committed after an interruption)",
+            # The usage before the dump was not recorded: the pages CRIU wrote are
+            # the best measure of what the container will need again.
+            memory_usage_bytes=stats.pages_written * PAGE_SIZE_BYTES,
+            dump_duration_seconds=0.0,
+            dump_stats=stats,
+            evicted_at=directory.stat().st_mtime,
+        )
+        lifecycle.move(journal, name, Managed.EVICTED, at=now, reason=reason)
         return "its dump had completed: image sealed and committed, EVICTED"
-    journal.set_state(
+    lifecycle.move(
+        journal,
         name,
         Managed.FAILED,
         at=now,
         reason=f"{state.value} without a complete image after an interruption",
     )
     return f"{state.value} without a complete image: marked FAILED for the operator"
-
-
-def _commit_interrupted(runtime: LxcRuntime, store: ImageStore, name: str, reason: str) -> None:
-    """Seal and commit a dump whose eviction was interrupted after CRIU finished."""
-    directory = store.path(name)
-    files = store.seal(name)
-    stats = criu.parse_dump_stats((directory / "stats-dump").read_bytes())
-    store.commit(
-        Manifest(
-            container=name,
-            lxc_path=str(runtime.lxc_path),
-            reason=f"{reason} (committed after an interruption)",
-            evicted_at=directory.stat().st_mtime,
-            # The usage before the dump was not recorded: the pages CRIU wrote are
-            # the best measure of what the container will need again.
-            memory_usage_bytes=stats.pages_written * mmap.PAGESIZE,
-            dump_duration_seconds=0.0,
-            files=files,
-            dump_stats=stats,
-        )
-    )

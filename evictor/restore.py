@@ -14,12 +14,14 @@ import logging
 import threading
 import time
 
-from evictor.errors import CorruptImage, InvalidState, RestoreFailed
+from evictor import lifecycle
+from evictor.errors import CorruptImage, InvalidState, Phase, RestoreFailed
 from evictor.images import ImageStore
-from evictor.journal import Event, EventKind, Journal, Managed
+from evictor.journal import Event, EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
-from evictor.model import ContainerState, validate_container_name
+from evictor.model import ContainerState, Managed, validate_container_name
+from evictor.reconcile import settle
 from evictor.restore_gate import RestoreGate
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
     validate_container_name(name)
     started = time.monotonic()
     with store.lock(name):
+        settle(runtime, store, journal, name)
         manifest = store.load(name)
         state = runtime.state(name)
         if state is not ContainerState.STOPPED:
@@ -52,7 +55,7 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
                 " so its image is stale and was not restored",
                 container=name,
             )
-        journal.set_state(name, Managed.RESTORING, at=time.time())
+        lifecycle.move(journal, name, Managed.RESTORING, at=time.time())
         try:
             store.verify_metadata(manifest)
             _restore_verifying_memory(runtime, store, manifest)
@@ -61,7 +64,7 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
                     f"{name}: not RUNNING {RUNNING_TIMEOUT_SECONDS:g} s after CRIU restored it"
                     f" (now {runtime.state(name).value}); image kept",
                     container=name,
-                    phase="wait",
+                    phase=Phase.WAIT,
                 )
         except (RestoreFailed, CorruptImage) as error:
             detail = str(error).removeprefix(f"{name}: ")
@@ -69,12 +72,14 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
             journal.record(
                 Event(container=name, at=failed_at, kind=EventKind.RESTORE_FAILED, detail=detail)
             )
-            journal.set_state(name, Managed.FAILED, at=failed_at, reason=detail)
+            lifecycle.move(journal, name, Managed.FAILED, at=failed_at, reason=detail)
             raise
         running_after = time.monotonic() - started
         cleanup_started = time.monotonic()
         store.discard(name)
-        journal.set_state(name, Managed.RUNNING, at=time.time(), reason="restored", drained=False)
+        lifecycle.move(
+            journal, name, Managed.RUNNING, at=time.time(), reason="restored", drained=False
+        )
     restoration = Restoration(
         manifest=manifest,
         duration_seconds=running_after,

@@ -1,6 +1,11 @@
-"""Human-readable sizes and durations for the CLI."""
+"""Units: the kernel's page size; human-readable sizes and durations for the CLI."""
 
 from __future__ import annotations
+
+import os
+
+# The kernel's page: the unit of /proc/zoneinfo's counts and of CRIU's page images.
+PAGE_SIZE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 _BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 

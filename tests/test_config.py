@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from evictor.cli import EXIT_USAGE, main
-from evictor.config import Config, ConfigError, Rule, Size, load_config, parse_config
+from evictor.config import Config, Rule, Size, load_config, parse_config
+from evictor.errors import ConfigError
 
 GOOD = """
 lxc_path = "/srv/lxc"

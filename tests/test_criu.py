@@ -8,7 +8,7 @@ import pytest
 
 from evictor import criu
 from evictor.criu import check_criu
-from evictor.errors import PreflightError
+from evictor.errors import CriuOutputError, PreflightError
 
 
 def test_log_errors_keeps_the_reason_and_drops_noise(fixtures: Path) -> None:
@@ -45,12 +45,12 @@ def test_dump_stats_from_a_real_dump(fixtures: Path) -> None:
     ids=["empty", "wrong-magic", "truncated"],
 )
 def test_malformed_stats_are_rejected(raw: bytes) -> None:
-    with pytest.raises(criu.StatsFormatError):
+    with pytest.raises(CriuOutputError):
         criu.parse_dump_stats(raw)
 
 
 def test_restore_stats_are_not_dump_stats(fixtures: Path) -> None:
-    with pytest.raises(criu.StatsFormatError, match="missing"):
+    with pytest.raises(CriuOutputError, match="missing"):
         criu.parse_dump_stats((fixtures / "criu/stats-restore").read_bytes())
 
 

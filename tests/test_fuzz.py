@@ -4,6 +4,7 @@ clean one-line error with exit 2, and nothing is changed."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -12,25 +13,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evictor.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
-from evictor.config import ConfigError, parse_config
+from evictor.config import Config, Section, parse_config
+from evictor.errors import ConfigError
 
-KEYS = {
-    "": ["lxc_path", "state_dir", "interval_seconds", "bogus"],
-    "triggers": [
-        "low_watermark",
-        "high_watermark",
-        "critical_watermark",
-        "min_reclaim",
-        "host_psi_some_avg10",
-        "important_priority",
-        "important_psi_some_avg10",
-        "budget",
-    ],
-    "evict": ["failure_backoff_seconds", "max_failure_backoff_seconds"],
-    "restore": ["stable_seconds", "margin", "failure_backoff_seconds"],
-    "antithrash": ["cooldown_seconds", "backoff_factor", "window_seconds", "max_cooldown_seconds"],
-    "metrics": ["enabled", "address", "port"],
-}
+
+def _keys() -> dict[str, list[str]]:
+    """Every key of the config, by table ("" for the top level), from its schema."""
+    defaults = Config()
+    keys: dict[str, list[str]] = {"": ["bogus"]}
+    for field in dataclasses.fields(defaults):
+        table = getattr(defaults, field.name)
+        if isinstance(table, Section):
+            keys[field.name] = [f.name for f in dataclasses.fields(table)]  # type: ignore[arg-type]
+        else:
+            keys[""].append(field.name)
+    return keys
+
+
+KEYS = _keys()
 values = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True),

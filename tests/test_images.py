@@ -25,17 +25,23 @@ def dump(store: ImageStore, files: dict[str, bytes]) -> Path:
 
 
 def commit(store: ImageStore) -> Manifest:
-    manifest = Manifest(
-        container=NAME,
-        lxc_path="/lxc",
+    return store.commit_dump(
+        NAME,
+        files=store.seal(NAME),
+        lxc_path=Path("/lxc"),
         reason="test",
-        evicted_at=1.0,
         memory_usage_bytes=100,
         dump_duration_seconds=0.1,
-        files=store.seal(NAME),
         dump_stats=DumpStats(),
+        evicted_at=1.0,
     )
-    store.commit(manifest)
+
+
+def verify(store: ImageStore) -> Manifest:
+    """Every check a restore makes: the manifest, then every file against it."""
+    manifest = store.load(NAME)
+    store.verify_metadata(manifest)
+    store.verify_memory(manifest)
     return manifest
 
 
@@ -52,7 +58,7 @@ def committed(store: ImageStore) -> Manifest:
 
 def test_a_committed_image_verifies(store: ImageStore, committed: Manifest) -> None:
     assert store.image_state(NAME) is ImageState.COMMITTED
-    assert store.verify(NAME) == committed
+    assert verify(store) == committed
     assert {f.name for f in committed.files} == {"pages-1.img", "inventory.img", "dump.log"}
     assert committed.image_bytes == 70000 + 3 + 3
 
@@ -95,7 +101,7 @@ def test_damage_is_refused_and_left_as_it_is(
     damage(directory)  # type: ignore[operator]
     snapshot = {p.name: p.read_bytes() for p in directory.iterdir()}
     with pytest.raises(CorruptImage, match=message):
-        store.verify(NAME)
+        verify(store)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == snapshot
 
 
@@ -103,16 +109,16 @@ def test_a_failed_restore_leaves_logs_that_do_not_spoil_the_image(
     store: ImageStore, committed: Manifest
 ) -> None:
     (store.path(NAME) / "restore.log").write_text("Error (x): failed\n")
-    assert store.verify(NAME) == committed
+    assert verify(store) == committed
 
 
 def test_a_missing_image_and_a_partial_one_are_not_restorable(store: ImageStore) -> None:
     with pytest.raises(NoImage, match="has no image"):
-        store.verify(NAME)
+        verify(store)
     dump(store, {"pages-1.img": b"x"})
     assert store.image_state(NAME) is ImageState.PARTIAL
     with pytest.raises(NoImage, match="incomplete image"):
-        store.verify(NAME)
+        verify(store)
 
 
 def test_begin_replaces_a_partial_image_but_never_a_committed_one(
@@ -120,7 +126,7 @@ def test_begin_replaces_a_partial_image_but_never_a_committed_one(
 ) -> None:
     with pytest.raises(ImageError, match="committed image already exists"):
         store.begin(NAME)
-    assert store.verify(NAME) == committed
+    assert verify(store) == committed
     store.discard(NAME)
     dump(store, {"pages-1.img": b"old"})
     directory = store.begin(NAME)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from evictor.journal import Event, EventKind, Journal
-from evictor.ranking import CheckpointFailure
+from evictor.model import CheckpointFailure
 
 NOW = 1_000_000.0
 

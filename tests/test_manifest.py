@@ -5,7 +5,8 @@ import json
 import pytest
 
 from evictor.criu import DumpStats
-from evictor.manifest import ImageFile, Manifest, ManifestError
+from evictor.errors import ManifestError
+from evictor.manifest import ImageFile, Manifest
 
 
 def make_manifest(**overrides: object) -> Manifest:

@@ -1,14 +1,17 @@
-"""Prometheus metrics: the gauges follow the latest snapshot; failure series start at 0."""
+"""Prometheus metrics: the gauges follow the latest assessment; the counters and
+histograms the engine's outcomes; failure series start at 0."""
 
 from __future__ import annotations
 
-from evictor.metrics import Metrics, Snapshot
-from evictor.model import ContainerSample, ContainerState, HostSample, Pressure
+from evictor.engine import Assessment, Outcome
+from evictor.errors import CheckpointFailed, CorruptImage, Phase
+from evictor.metrics import Metrics
+from evictor.model import ContainerSample, ContainerState, HostSample, Pressure, Priority
 from evictor.monitor import Sample
-from evictor.ranking import Plan, Priority
+from evictor.ranking import Action, Plan, TriggerKind
 
 
-def snapshot(*names: str) -> Snapshot:
+def snapshot(*names: str) -> Assessment:
     """The daemon's view of a host with a running container "a", an evicted "b", and
     running ``names``."""
     host = HostSample(
@@ -32,7 +35,7 @@ def snapshot(*names: str) -> Snapshot:
         ),
         *(ContainerSample(name=n, state=ContainerState.RUNNING, usage_bytes=2) for n in names),
     )
-    return Snapshot(
+    return Assessment(
         sample=Sample(host=host, containers=containers),
         plan=Plan(
             triggers=(),
@@ -44,8 +47,9 @@ def snapshot(*names: str) -> Snapshot:
             notes=(),
         ),
         priorities={"a": Priority(value=1, protected=False, source="default")},
+        histories={},
         managed={},
-        images_bytes=1,
+        standing={},
         store_size_bytes=10,
         store_free_bytes=5,
     )
@@ -78,3 +82,46 @@ def test_gauges_follow_the_latest_snapshot() -> None:
     assert value("evictor_container_evicted_memory_bytes", {"container": "b"}) == 1
     metrics.update(snapshot())  # "c" is gone: so are its gauges
     assert value("evictor_container_memory_usage_bytes", {"container": "c"}) is None
+
+
+def test_outcomes_are_counted_and_timed() -> None:
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    evicted = Outcome(
+        container="a",
+        action=Action.EVICT,
+        cause=TriggerKind.BUDGET,
+        reason="r",
+        memory_bytes=3,
+        image_bytes=2,
+        duration_seconds=1.5,
+        frozen_seconds=0.5,
+    )
+    failed = Outcome(
+        container="b",
+        action=Action.EVICT,
+        cause=TriggerKind.LOW_WATERMARK,
+        reason="r",
+        error=CheckpointFailed("b: tty", container="b", phase=Phase.DUMP),
+    )
+    rejected = Outcome(
+        container="c",
+        action=Action.RESTORE,
+        cause=None,
+        reason="r",
+        error=CorruptImage("c: pages-1.img does not match its checksum", container="c"),
+    )
+    for outcome in (evicted, failed, rejected):
+        metrics.record(outcome)
+    labels = {"container": "a", "result": "success", "cause": "budget"}
+    assert value("evictor_evictions_total", labels) == 1
+    labels = {"container": "b", "result": "failure", "cause": "low_watermark"}
+    assert value("evictor_evictions_total", labels) == 1
+    assert value("evictor_checkpoint_duration_seconds_sum") == 1.5  # failures are not timed
+    assert value("evictor_checkpoint_frozen_seconds_sum") == 0.5
+    assert value("evictor_checkpoint_image_bytes_sum") == 2
+    assert value("evictor_restores_total", {"container": "c", "result": "failure"}) == 1
+    assert value("evictor_image_rejections_total", {"container": "c"}) == 1
+    assert value("evictor_restore_duration_seconds_count") == 0
+    assert value("evictor_errors_total", {"kind": "CheckpointFailed"}) == 1
+    assert value("evictor_errors_total", {"kind": "CorruptImage"}) == 1

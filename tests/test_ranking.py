@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+from random import Random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evictor.config import AntiThrash, Config, Priorities, Rule, Size, Triggers, parse_config
-from evictor.model import ContainerSample, ContainerState, HostSample, Pressure
+from evictor.model import (
+    CheckpointFailure,
+    ContainerSample,
+    ContainerState,
+    History,
+    HostSample,
+    Label,
+    Pressure,
+    Priority,
+)
 from evictor.ranking import (
     Action,
-    CheckpointFailure,
-    History,
-    Label,
     Plan,
-    Priority,
     checkpoint_retry_in,
     eligibility,
     eviction_cooldown_seconds,
@@ -346,12 +352,18 @@ def test_eligibility_phrases() -> None:
 # --- invariants (Hypothesis) ------------------------------------------------
 
 names = st.sampled_from([f"c{i}" for i in range(12)])
+# containers, priorities, histories, MiB available, config, last pressure
+Scenario = tuple[
+    list[ContainerSample], dict[str, Priority], dict[str, History], int, Config, float | None
+]
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple:
+def scenarios(draw: st.DrawFn) -> Scenario:
     chosen = draw(st.lists(names, unique=True, max_size=10))
-    containers, priorities, histories = [], {}, {}
+    containers: list[ContainerSample] = []
+    priorities: dict[str, Priority] = {}
+    histories: dict[str, History] = {}
     for name in chosen:
         if draw(st.booleans()):
             containers.append(
@@ -372,7 +384,7 @@ def scenarios(draw: st.DrawFn) -> tuple:
                         st.builds(
                             CheckpointFailure,
                             reason=st.just("failed"),
-                            at=st.integers(NOW - 5000, NOW).map(float),
+                            at=st.integers(int(NOW) - 5000, int(NOW)).map(float),
                             count=st.integers(1, 4),
                             persistent=st.booleans(),
                         ),
@@ -386,7 +398,7 @@ def scenarios(draw: st.DrawFn) -> tuple:
     return containers, priorities, histories, available, config, last_pressure
 
 
-def plan_of(scenario: tuple, order: list | None = None) -> Plan:
+def plan_of(scenario: Scenario, order: list[ContainerSample] | None = None) -> Plan:
     containers, priorities, histories, available, config, last_pressure = scenario
     return plan(
         host=host(available),
@@ -399,9 +411,19 @@ def plan_of(scenario: tuple, order: list | None = None) -> Plan:
     )
 
 
+def stall(sample: ContainerSample) -> float:
+    assert sample.pressure is not None  # the scenarios give every container its PSI
+    return sample.pressure.some_avg10
+
+
+def restored_at(history: History) -> float:
+    assert history.last_restored_at is not None  # every history in the scenarios has one
+    return history.last_restored_at
+
+
 @settings(max_examples=400, deadline=None)
 @given(scenarios())
-def test_plan_invariants(scenario: tuple) -> None:
+def test_plan_invariants(scenario: Scenario) -> None:
     containers, priorities, histories, _, config, _ = scenario
     result = plan_of(scenario)
     by_name = {c.name: c for c in containers}
@@ -435,11 +457,11 @@ def test_plan_invariants(scenario: tuple) -> None:
             if c.state is ContainerState.RUNNING
             and c.name not in evicted_set | standby
             and not priorities[c.name].protected
-            and not (priorities[c.name].value >= 3 and c.pressure.some_avg10 >= 10)  # in need
+            and not (priorities[c.name].value >= 3 and stall(c) >= 10)  # in need
             and (
                 critical
                 or c.name not in histories
-                or NOW - histories[c.name].last_restored_at
+                or NOW - restored_at(histories[c.name])
                 >= eviction_cooldown_seconds(histories[c.name], config.antithrash, NOW)
             )
             and checkpoint_retry_in(
@@ -459,9 +481,9 @@ def test_plan_invariants(scenario: tuple) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(scenarios(), st.randoms(use_true_random=False))
-def test_plan_does_not_depend_on_input_order(scenario: tuple, random: object) -> None:
+def test_plan_does_not_depend_on_input_order(scenario: Scenario, random: Random) -> None:
     shuffled = list(scenario[0])
-    random.shuffle(shuffled)  # type: ignore[attr-defined]
+    random.shuffle(shuffled)
     assert plan_of(scenario, shuffled) == plan_of(scenario)
 
 

@@ -23,16 +23,18 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from evictor import testbed
 from evictor.criu import check_criu
 from evictor.images import ImageStore
 from evictor.journal import Journal
 from evictor.lxc_runtime import LxcRuntime
+from evictor.tools import testbed
 
+T = TypeVar("T")
 TEST_ROOT = Path(os.environ.get("EVICTOR_TEST_ROOT", "/var/tmp/evictor-tests"))
 
 _names = itertools.count(1)
@@ -97,12 +99,11 @@ def workload(runtime: LxcRuntime) -> Iterator[WorkloadFactory]:
         return name
 
     yield make
-    for name in created:
-        if runtime.exists(name):
-            runtime.destroy(name)
+    for name in set(created) & set(runtime.names()):
+        runtime.destroy(name)
 
 
-def wait_until(condition: Callable[[], object], what: str, timeout_seconds: float = 90.0) -> object:
+def wait_until(condition: Callable[[], T | None], what: str, timeout_seconds: float = 90.0) -> T:
     """Poll ``condition`` until it is truthy and return its value; fail the test on timeout."""
     deadline = time.monotonic() + timeout_seconds
     while not (result := condition()):

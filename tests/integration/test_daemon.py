@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from evictor import testbed
 from evictor.images import ImageState, ImageStore
-from evictor.journal import EventKind, Journal, Managed
+from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
-from evictor.model import ContainerState
+from evictor.model import ContainerState, Managed
+from evictor.tools import testbed
 
 from .conftest import (
     DaemonProcess,

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from evictor import checkpoint, restore, testbed
+from evictor import checkpoint, restore
 from evictor.errors import (
     CheckpointFailed,
     ContainerNotFound,
     CorruptImage,
     InvalidState,
     NoImage,
+    Phase,
 )
 from evictor.images import ImageStore
 from evictor.journal import EventKind, Journal
@@ -24,6 +25,7 @@ from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import MANIFEST_NAME
 from evictor.model import ContainerState
 from evictor.monitor import read_free_bytes, read_meminfo
+from evictor.tools import testbed
 
 from .conftest import WorkloadFactory, run_evictor
 
@@ -193,7 +195,7 @@ def test_a_container_criu_cannot_dump_stays_running(
     name = workload(with_tty=True)
     with pytest.raises(CheckpointFailed, match=r"CRIU dump failed: .*tty") as failure:
         checkpoint.evict(runtime, store, journal, name)
-    assert failure.value.phase == "dump"
+    assert failure.value.phase is Phase.DUMP
     assert failure.value.container == name
     assert runtime.state(name) is ContainerState.RUNNING
     assert not store.path(name).exists()  # the partial image is gone

@@ -9,12 +9,12 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from evictor import checkpoint, reconcile, restore, testbed
+from evictor import checkpoint, reconcile, restore
 from evictor.config import Config
 from evictor.daemon import Daemon
 from evictor.engine import Engine
@@ -27,11 +27,12 @@ from evictor.errors import (
     RestoreFailed,
 )
 from evictor.images import ImageState, ImageStore
-from evictor.journal import EventKind, Journal, Managed
+from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.metrics import Metrics
-from evictor.model import ContainerState
+from evictor.model import ContainerState, Managed
 from evictor.ranking import Action, Decision, Plan, Trigger, TriggerKind
+from evictor.tools import testbed
 
 from .conftest import (
     DaemonProcess,
@@ -61,7 +62,7 @@ def in_background(action: Callable[[], object]) -> tuple[threading.Thread, list[
 
 
 @pytest.fixture
-def small_store(tmp_path: Path) -> Path:
+def small_store(tmp_path: Path) -> Iterator[Path]:
     """A 160 MiB tmpfs for the image store, unmounted afterwards."""
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
@@ -73,11 +74,11 @@ def small_store(tmp_path: Path) -> Path:
 
 
 def test_criu_killed_mid_dump_leaves_the_container_running_and_counts_the_failure(
-    runtime: LxcRuntime, workload: WorkloadFactory, tmp_path: Path
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
     name = workload(memory_mib=1024)
     before = testbed.wait_for_counter(runtime, name, above=0)
-    engine = Engine(Config(lxc_path=runtime.lxc_path, state_dir=tmp_path / "state"))
+    engine = Engine(Config(lxc_path=runtime.lxc_path, state_dir=store.root.parent))
     daemon = Daemon(engine, Metrics())
     plan = Plan(
         triggers=(Trigger(TriggerKind.BUDGET, "test"),),
@@ -91,7 +92,7 @@ def test_criu_killed_mid_dump_leaves_the_container_running_and_counts_the_failur
         notes=(),
     )
     thread, _ = in_background(lambda: daemon.act(plan))
-    image_dir = engine.store.path(name)
+    image_dir = store.path(name)
     criu_pid = wait_until(
         lambda: next(
             (
@@ -107,20 +108,21 @@ def test_criu_killed_mid_dump_leaves_the_container_running_and_counts_the_failur
         lambda: any(p.stat().st_size > 32 * MIB for p in image_dir.glob("pages-*.img")),
         "criu to write pages",
     )
-    os.kill(int(criu_pid), signal.SIGKILL)  # type: ignore[arg-type]
+    assert isinstance(criu_pid, int)
+    os.kill(criu_pid, signal.SIGKILL)
     thread.join(timeout=120)
 
     assert runtime.state(name) is ContainerState.RUNNING  # thawed if CRIU had frozen it
-    assert engine.store.image_state(name) is ImageState.NONE  # no partial image left
+    assert store.image_state(name) is ImageState.NONE  # no partial image left
     assert (
         daemon.metrics.registry.get_sample_value(
             "evictor_evictions_total", {"container": name, "result": "failure", "cause": "budget"}
         )
         == 1
     )
-    (event,) = engine.journal.events()
+    (event,) = journal.events()
     assert event.kind is EventKind.EVICT_FAILED
-    assert engine.journal.managed()[name].state is Managed.RUNNING
+    assert journal.managed()[name].state is Managed.RUNNING
     assert testbed.wait_for_counter(runtime, name, above=before.counter).incarnation == (
         before.incarnation
     )
@@ -200,13 +202,20 @@ def test_a_container_started_by_hand_while_evicted_is_never_restored_over(
     tmp_path: Path,
 ) -> None:
     name = workload(memory_mib=16)
+    evicted = testbed.wait_for_counter(runtime, name, above=0)
     checkpoint.evict(runtime, store, journal, name)
     runtime.start(name)  # an operator boots it fresh
-    fresh = testbed.wait_for_counter(runtime, name, above=0)
+    # The status file still holds the evicted process's last line until the fresh one writes.
+    def fresh_status() -> testbed.WorkloadStatus | None:
+        status = testbed.read_status(runtime, name)
+        return status if status and status.incarnation != evicted.incarnation else None
+
+    fresh = wait_until(fresh_status, "the fresh process's first status")
     with pytest.raises(InvalidState, match="image is stale and was not restored"):
         restore.restore(runtime, store, journal, name)
     assert store.image_state(name) is ImageState.COMMITTED  # kept for the operator
-    assert testbed.read_status(runtime, name).incarnation == fresh.incarnation  # type: ignore[union-attr]
+    now = testbed.read_status(runtime, name)
+    assert now is not None and now.incarnation == fresh.incarnation
     with pytest.raises(InvalidState, match="has a committed image"):
         checkpoint.evict(runtime, store, journal, name)
     status = run_evictor(
@@ -309,31 +318,31 @@ def test_evictor_killed_while_criu_restores_loses_nothing(
     container is RUNNING, or STOPPED with its committed image, which restores."""
     state_dir = tmp_path / "state"
     config = write_config(tmp_path / "evictor.toml", runtime.lxc_path, state_dir, free_port())
-    engine = Engine(Config(lxc_path=runtime.lxc_path, state_dir=state_dir))
+    store, journal = ImageStore(state_dir / "images"), Journal(state_dir / "journal.db")
     name = workload(memory_mib=256)
     before = testbed.wait_for_counter(runtime, name, above=0)
-    checkpoint.evict(engine.runtime, engine.store, engine.journal, name)
-    image_dir = engine.store.path(name)
+    checkpoint.evict(runtime, store, journal, name)
+    image_dir = store.path(name)
 
     restoring = subprocess.Popen(
         evictor_argv("-c", str(config), "restore", name),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_until(lambda: engine.runtime.tools_using(image_dir), "lxc-checkpoint to start")
+    wait_until(lambda: runtime.tools_using(image_dir), "lxc-checkpoint to start")
     restoring.kill()
     restoring.wait()
-    wait_until(lambda: not engine.runtime.tools_using(image_dir), "CRIU to finish or abort")
+    wait_until(lambda: not runtime.tools_using(image_dir), "CRIU to finish or abort")
 
-    reconcile.reconcile(engine.runtime, engine.store, engine.journal)
+    reconcile.reconcile(runtime, store, journal)
     if runtime.state(name) is ContainerState.STOPPED:
         assert "Aborting restore due to post-restore script" in (
             (image_dir / "restore.log").read_text()
         )
-        assert engine.journal.managed()[name].state is Managed.EVICTED
-        restore.restore(engine.runtime, engine.store, engine.journal, name)
-    assert engine.store.image_state(name) is ImageState.NONE
-    assert not engine.store.gate_path(name).exists()
+        assert journal.managed()[name].state is Managed.EVICTED
+        restore.restore(runtime, store, journal, name)
+    assert store.image_state(name) is ImageState.NONE
+    assert not store.gate_path(name).exists()
     after = testbed.wait_for_counter(runtime, name, above=before.counter)
     assert after.incarnation == before.incarnation and after.errors == 0
 
@@ -354,12 +363,12 @@ def test_restoring_an_image_evictor_did_not_write_is_refused(
 
 
 def test_a_corrupt_image_raises_the_alert_metric_and_is_kept(
-    runtime: LxcRuntime, workload: WorkloadFactory, tmp_path: Path
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
     name = workload(memory_mib=16)
-    engine = Engine(Config(lxc_path=runtime.lxc_path, state_dir=tmp_path / "state"))
-    checkpoint.evict(engine.runtime, engine.store, engine.journal, name)
-    pages = max(engine.store.path(name).glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    engine = Engine(Config(lxc_path=runtime.lxc_path, state_dir=store.root.parent))
+    checkpoint.evict(runtime, store, journal, name)
+    pages = max(store.path(name).glob("pages-*.img"), key=lambda p: p.stat().st_size)
     # Truncated: refused before CRIU starts (CRIU's restored task would spin on it).
     os.truncate(pages, pages.stat().st_size - 4096)
     daemon = Daemon(engine, Metrics())
@@ -386,7 +395,7 @@ def test_a_corrupt_image_raises_the_alert_metric_and_is_kept(
         )
         == 1
     )
-    assert engine.store.image_state(name) is ImageState.COMMITTED
-    assert engine.journal.managed()[name].state is Managed.FAILED
+    assert store.image_state(name) is ImageState.COMMITTED
+    assert journal.managed()[name].state is Managed.FAILED
     assert runtime.state(name) is ContainerState.STOPPED
-    assert not (engine.store.path(name) / "restore.log").exists()
+    assert not (store.path(name) / "restore.log").exists()

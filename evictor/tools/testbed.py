@@ -41,7 +41,7 @@ class WorkloadStatus:
 
 def memhog_binary(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     """Compile memhog statically (once per source version) and return its path."""
-    source = resources.files("evictor").joinpath("workload/memhog.c").read_bytes()
+    source = resources.files("evictor.tools").joinpath("workload/memhog.c").read_bytes()
     binary = cache_dir / f"memhog-{hashlib.sha256(source).hexdigest()[:12]}"
     if binary.exists():
         return binary

@@ -17,14 +17,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from evictor import testbed
 from evictor.config import AntiThrash, Config, Priorities, RestorePolicy, Rule, Size, Triggers
 from evictor.config import Metrics as MetricsConfig
 from evictor.daemon import Daemon
 from evictor.engine import Engine
 from evictor.errors import EvictorError
+from evictor.lxc_runtime import LxcRuntime
 from evictor.metrics import Metrics
-from evictor.model import ContainerState
+from evictor.model import ContainerSample, ContainerState
+from evictor.tools import testbed
 from evictor.units import format_bytes
 
 MIB = 1 << 20
@@ -83,7 +84,7 @@ def _wait(what: str, done: Callable[[], bool]) -> None:
 
 
 def _table(engine: Engine) -> None:
-    sample = engine.monitor.sample()
+    sample = engine.sample()
     used = sum(c.usage_bytes for c in sample.containers)
     _say(f"containers use {format_bytes(used)} of a {BUDGET_MIB} MiB budget:")
     priorities = engine.priorities(c.name for c in sample.containers)
@@ -98,10 +99,17 @@ def _table(engine: Engine) -> None:
         )
 
 
+def _all(
+    engine: Engine, names: tuple[str, ...], condition: Callable[[ContainerSample], bool]
+) -> bool:
+    return all(condition(c) for c in engine.sample().containers if c.name in names)
+
+
 def run(*, state_dir: Path, once: bool, port: int) -> int:
     demo_dir = state_dir / "demo"
-    engine = Engine(_config(demo_dir, port))
-    runtime = engine.runtime
+    config = _config(demo_dir, port)
+    engine = Engine(config)
+    runtime = LxcRuntime(config.lxc_path)  # to set the scene up: creating, starting, stopping
     for name in runtime.names():  # left behind by an interrupted demo
         runtime.destroy(name)
     shutil.rmtree(demo_dir, ignore_errors=True)
@@ -132,7 +140,7 @@ def run(*, state_dir: Path, once: bool, port: int) -> int:
         victims = ("evictor-demo-cache", "evictor-demo-batch")
         _wait(
             "the lowest-priority containers are evicted",
-            lambda: all(engine.store.image_state(n).value == "committed" for n in victims),
+            lambda: _all(engine, victims, lambda c: c.evicted),
         )
         _table(engine)
 
@@ -140,9 +148,10 @@ def run(*, state_dir: Path, once: bool, port: int) -> int:
         runtime.stop(SPIKE.name)
         _wait(
             "the evicted containers run again",
-            lambda: all(
-                runtime.state(n) is ContainerState.RUNNING and not engine.store.path(n).exists()
-                for n in victims
+            lambda: _all(
+                engine,
+                victims,
+                lambda c: c.state is ContainerState.RUNNING and not c.stale_image,
             ),
         )
         _table(engine)

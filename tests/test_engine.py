@@ -1,0 +1,100 @@
+"""The engine's operations and outcomes, on a real (empty) LXC path: what happens
+to containers is tested on real ones in tests/integration/."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from evictor.config import Config
+from evictor.engine import Engine
+from evictor.errors import ContainerNotFound, UsageError
+from evictor.model import Label
+from evictor.ranking import Action, Decision, Plan, Trigger, TriggerKind
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    (tmp_path / "lxc").mkdir()
+    opened = Engine(Config(lxc_path=tmp_path / "lxc", state_dir=tmp_path / "state"))
+    yield opened
+    opened.close()
+
+
+def eviction(name: str, size_mib: int) -> Decision:
+    return Decision(
+        container=name, action=Action.EVICT, priority=0, size_bytes=size_mib * MIB, reason="why"
+    )
+
+
+def budget_plan(target_mib: int, evictions: list[str], standby: list[str]) -> Plan:
+    return Plan(
+        triggers=(Trigger(TriggerKind.BUDGET, "over the budget"),),
+        critical=False,
+        reclaim_target_bytes=target_mib * MIB,
+        evictions=tuple(eviction(n, 10) for n in evictions),
+        standby=tuple(eviction(n, 10) for n in standby),
+        restores=(),
+        notes=(),
+    )
+
+
+def test_a_failed_eviction_is_an_outcome_not_an_exception(engine: Engine, tmp_path: Path) -> None:
+    outcome = engine.evict("ghost")
+    assert not outcome.succeeded and isinstance(outcome.error, ContainerNotFound)
+    assert (outcome.container, outcome.action, outcome.cause) == ("ghost", Action.EVICT, None)
+    assert outcome.reason == "operator request"
+
+
+def test_bad_input_raises_before_anything_happens(engine: Engine, tmp_path: Path) -> None:
+    for operation in (engine.evict, engine.restore):
+        with pytest.raises(UsageError, match="invalid container name"):
+            operation("../etc")
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_round_goes_on_to_the_standby_when_evictions_fail(engine: Engine) -> None:
+    outcomes = list(engine.carry_out(budget_plan(5, ["a"], ["b", "c"]), stopping=threading.Event()))
+    # Each fails (no such container): every candidate is tried, in order, for the cause.
+    assert [o.container for o in outcomes] == ["a", "b", "c"]
+    assert {o.cause for o in outcomes} == {TriggerKind.BUDGET}
+    assert outcomes[0].reason == "over the budget: why"
+
+
+def test_a_stopping_daemon_starts_nothing_more(engine: Engine) -> None:
+    stopping = threading.Event()
+    stopping.set()
+    assert list(engine.carry_out(budget_plan(5, ["a"], ["b"]), stopping=stopping)) == []
+
+
+def test_an_empty_host(engine: Engine, tmp_path: Path) -> None:
+    assessment = engine.assess(now=1000.0, last_pressure_at=None)
+    assert assessment.sample.containers == () and not assessment.plan.pressure
+    assert assessment.standing == {} and assessment.images_bytes == 0
+    assert not (tmp_path / "state").exists()  # looking creates nothing
+    drained = engine.drain(include_protected=False)
+    assert drained.outcomes == () and drained.left_running == ()
+    assert engine.resume([]) == []
+
+
+def test_labels_persist_and_resolve(engine: Engine, tmp_path: Path) -> None:
+    priority = engine.label("web", Label(priority=7))
+    assert (priority.value, priority.source, priority.protected) == (7, "label", False)
+    assert engine.label("web", Label(protected=True)).protected
+    reopened = Engine(Config(lxc_path=tmp_path / "lxc", state_dir=tmp_path / "state"))
+    assert reopened.priorities(["web"])["web"].value == 7
+    reopened.clear_label("web")
+    assert engine.priorities(["web"])["web"].source == "default"
+    reopened.close()
+
+
+def test_make_room_needs_a_size(engine: Engine) -> None:
+    with pytest.raises(ContainerNotFound):
+        engine.make_room("ghost", None)  # its memory limit is read from its config
+    plan, outcomes = engine.make_room("ghost", 0)
+    assert plan.notes == ("it fits already",) and outcomes == []
