@@ -13,7 +13,7 @@ import enum
 import os
 from pathlib import Path
 
-from evictor.model import Pressure
+from evictor.model import CgroupLayout, Pressure
 
 # cgroup v1 reports "no limit" as the largest page-aligned signed 64-bit value.
 _V1_UNLIMITED = 0x7FFFFFFFFFFFF000
@@ -62,6 +62,14 @@ def parse_proc_cgroup(text: str) -> dict[str, str]:
     return paths
 
 
+def layout(cgroup_root: Path) -> CgroupLayout:
+    if (cgroup_root / "cgroup.controllers").exists():
+        return CgroupLayout.V2
+    if (cgroup_root / "unified").is_dir():
+        return CgroupLayout.HYBRID
+    return CgroupLayout.V1
+
+
 def locate_memory_cgroup(proc_cgroup: dict[str, str], cgroup_root: Path) -> MemoryCgroup | None:
     """Pick the directory that accounts memory for a process with these cgroups.
 
@@ -87,13 +95,36 @@ def locate_memory_cgroup(proc_cgroup: dict[str, str], cgroup_root: Path) -> Memo
     return None
 
 
-def memory_cgroup_of(pid: int, *, proc_root: Path, cgroup_root: Path) -> MemoryCgroup | None:
-    """The memory cgroup of a live process, or None if it has gone."""
+def container_path(path: str, container: str) -> str:
+    """The cgroup of a whole container, from that of one of its processes.
+
+    LXC puts a container in ``lxc.payload.NAME`` (``lxc/NAME`` before LXC 4); an
+    init that manages cgroups of its own (systemd) moves itself further down
+    (``lxc.payload.NAME/init.scope``), and its own cgroup would leave out every
+    service. A path outside those is the process's own.
+    """
+    parts = path.split("/")
+    for index, part in enumerate(parts):
+        if part == f"lxc.payload.{container}" or (
+            part == container and index > 0 and parts[index - 1] == "lxc"
+        ):
+            return "/".join(parts[: index + 1])
+    return path
+
+
+def memory_cgroup_of(
+    pid: int, *, proc_root: Path, cgroup_root: Path, container: str | None = None
+) -> MemoryCgroup | None:
+    """The memory cgroup of a live process (of the whole ``container`` it runs in, if
+    given), or None if it has gone."""
     try:
         text = (proc_root / str(pid) / "cgroup").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return locate_memory_cgroup(parse_proc_cgroup(text), cgroup_root)
+    paths = parse_proc_cgroup(text)
+    if container is not None:
+        paths = {controller: container_path(p, container) for controller, p in paths.items()}
+    return locate_memory_cgroup(paths, cgroup_root)
 
 
 def read_text(path: Path) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from evictor.images import ImageState, ImageStore
 from evictor.journal import Event, EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
-from evictor.model import ContainerState, Managed, validate_container_name
+from evictor.model import ContainerConfig, ContainerState, Managed, validate_container_name
 from evictor.reconcile import settle
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ log = logging.getLogger(__name__)
 # and the tmpfs mounts it archives are small, a usage figure can grow meanwhile.
 FREE_SPACE_MARGIN_BYTES = 64 << 20
 FREE_SPACE_MARGIN_RATIO = 0.05
+
+
+# A trial dump that fails for a cause that may pass is tried this often, this far apart.
+TRIAL_ATTEMPTS = 3
+TRIAL_PAUSE_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,8 +55,8 @@ def required_free_bytes(usage_bytes: int) -> int:
     return usage_bytes + max(FREE_SPACE_MARGIN_BYTES, int(usage_bytes * FREE_SPACE_MARGIN_RATIO))
 
 
-def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> int:
-    """Check that ``name`` can be evicted now; return its memory usage in bytes."""
+def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> ContainerConfig:
+    """Check that ``name`` can be evicted now; return its config."""
     state = runtime.state(name)
     if state is not ContainerState.RUNNING:
         raise InvalidState(
@@ -62,7 +69,18 @@ def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> int:
             container=name,
         )
     criu.check_criu()
-    usage_bytes = runtime.memory_usage_bytes(name) or 0
+    config = runtime.container_config(name)
+    if config.idmap is not None and (blocked := store.unreachable_by(config.idmap)):
+        raise PreflightError(
+            f"{name}: its root (uid {config.idmap.root_uid}) could not reach its image at"
+            f" restore: {blocked} is mode {stat.S_IMODE(blocked.stat().st_mode):o}; others"
+            " must be able to pass through every directory above the image store (o+x)",
+            container=name,
+        )
+    return config
+
+
+def _check_room(store: ImageStore, name: str, usage_bytes: int) -> None:
     free_bytes = store.free_bytes()
     if free_bytes < required_free_bytes(usage_bytes):
         raise PreflightError(
@@ -70,7 +88,6 @@ def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> int:
             f" needs about {required_free_bytes(usage_bytes) >> 20} MiB",
             container=name,
         )
-    return usage_bytes
 
 
 def evict(
@@ -91,7 +108,10 @@ def evict(
     started = time.monotonic()
     with store.lock(name):
         settle(runtime, store, journal, name)
-        usage_bytes = preflight(runtime, store, name)
+        config = preflight(runtime, store, name)
+        usage_bytes = runtime.memory_usage_bytes(name) or 0
+        _check_room(store, name, usage_bytes)
+        addresses = runtime.ipv4_addresses(name)
         lifecycle.move(journal, name, Managed.EVICTING, at=time.time(), reason=reason)
         phase = Phase.DUMP
         try:
@@ -106,6 +126,8 @@ def evict(
                 )
             phase = Phase.SEAL
             files = store.seal(name)
+            if config.idmap is not None:
+                store.share_with(name, config.idmap)
             phase = Phase.COMMIT
             manifest = store.commit_dump(
                 name,
@@ -116,6 +138,7 @@ def evict(
                 dump_duration_seconds=dump_seconds,
                 dump_stats=_dump_stats(image_dir),
                 evicted_at=time.time(),
+                ipv4_addresses=addresses,
             )
         except BaseException as error:
             failure = _as_failure(error, name, phase)
@@ -160,6 +183,41 @@ def evict(
         manifest.dump_stats.frozen_time_us / 1e6,
     )
     return eviction
+
+
+def trial_dump(
+    runtime: LxcRuntime, store: ImageStore, name: str, *, attempts: int = TRIAL_ATTEMPTS
+) -> CheckpointFailed | None:
+    """Dump ``name`` for real and leave it running (``evictor check --trial``); return
+    why CRIU failed, or None if the dump worked. A failure whose cause may pass (a
+    netlink socket with unread messages) is tried again. The trial image is removed."""
+    validate_container_name(name)
+    with store.lock(name):
+        state = runtime.state(name)
+        if state is not ContainerState.RUNNING:
+            raise InvalidState(
+                f"{name}: is {state.value}, only a RUNNING container can be tried", container=name
+            )
+        criu.check_criu()
+        trial_dir = store.trial_path(name)
+        failure = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(TRIAL_PAUSE_SECONDS)
+            shutil.rmtree(trial_dir, ignore_errors=True)  # left by a killed evictor, or before
+            trial_dir.mkdir(mode=0o700)
+            try:
+                runtime.checkpoint(name, trial_dir, leave_running=True)
+                return None
+            except CheckpointFailed as error:
+                failure = error
+                if error.persistent:
+                    return error
+            finally:
+                shutil.rmtree(trial_dir, ignore_errors=True)
+                if runtime.state(name) is ContainerState.FROZEN:
+                    runtime.thaw(name)
+        return failure
 
 
 def _as_failure(error: BaseException, name: str, phase: Phase) -> CheckpointFailed | None:

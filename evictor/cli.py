@@ -141,6 +141,25 @@ def _build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--all", action="store_true", help="protected containers too")
     resume = command("resume", _cmd_resume, "restore drained containers now (default: all of them)")
     resume.add_argument("names", nargs="*", metavar="NAME")
+    check_ = command(
+        "check",
+        _cmd_check,
+        "is a container checkpointable here? every reason it is not, with its remedy",
+        names="+",
+        json_output=True,
+    )
+    check_.add_argument(
+        "--trial", action="store_true", help="also dump it for real, leaving it running"
+    )
+    prepare = command(
+        "prepare",
+        _cmd_prepare,
+        "apply the remedies `check` marks safe: to the LXC config and, for systemd, the rootfs",
+        names="1",
+    )
+    prepare.add_argument("--dry-run", action="store_true", help="show the changes, make none")
+    prepare.add_argument("--undo", action="store_true", help="remove what prepare added")
+    prepare.add_argument("--restart", action="store_true", help="restart it so that they apply")
     check = command("check-config", _cmd_check_config, "validate a config file")
     check.add_argument("path", nargs="?", type=Path, metavar="PATH")
     demo = command("demo", _cmd_demo, "run the daemon on built-in containers and a budget")
@@ -148,6 +167,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--once",
         action="store_true",
         help="exit when the scenario is done (default: wait for Ctrl-C)",
+    )
+    demo.add_argument(
+        "--stock",
+        action="store_true",
+        help="a stock Debian systemd container instead: checked, prepared, evicted, restored",
     )
     demo.add_argument(
         "--port",
@@ -305,6 +329,7 @@ def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
                         "protected": priorities[c.name].protected,
                         "eligibility": standing[c.name],
                         "checkpoint_failure": histories.get(c.name, History()).checkpoint_failure,
+                        "check": histories.get(c.name, History()).check,
                     }
                     for c in sample.containers
                 ],
@@ -444,6 +469,67 @@ def _cmd_resume(args: argparse.Namespace, engine: Engine) -> int:
     return _report_all(outcomes, lambda o: f"resumed {o.container}: {o.duration_seconds:.2f} s")
 
 
+def _cmd_check(args: argparse.Namespace, engine: Engine) -> int:
+    for name in args.names:
+        validate_container_name(name)
+    reports, failed = [], 0
+    for name in args.names:
+        try:
+            reports.append(engine.check(name, trial=args.trial))
+        except UsageError:
+            raise
+        except EvictorError as error:
+            failed += 1
+            _report(error)
+    if args.json:
+        _print_json(
+            [
+                {**_jsonable(r), "checkpointable": r.checkpointable, "problems": r.problems}
+                for r in reports
+            ]
+        )
+    for report in [] if args.json else reports:
+        trial = " (trial dump passed)" if report.trial and report.checkpointable else ""
+        verdict = "checkpointable" if report.checkpointable else "not checkpointable"
+        print(f"{report.container}: {verdict}{trial}")
+        for finding in report.findings:
+            print(f"  {finding.code}: {finding.problem}")
+            print(
+                f"    remedy: {finding.remedy}{' [evictor prepare]' if finding.by_prepare else ''}"
+            )
+        if report.trial_failure:
+            print(f"  trial dump: {report.trial_failure}")
+        if args.trial and not report.running:
+            print("  (not running: no trial dump, and only its config and rootfs were read)")
+    unfit = sum(not r.checkpointable for r in reports)
+    return EXIT_FAILED if failed or unfit else EXIT_OK
+
+
+def _cmd_prepare(args: argparse.Namespace, engine: Engine) -> int:
+    name = validate_container_name(args.name)
+    done = engine.prepare(name, undo=args.undo, dry_run=args.dry_run, restart=args.restart)
+    if not done.changed:
+        print(f"{name}: nothing to {'undo' if args.undo else 'prepare'}")
+        return EXIT_OK
+    print(done.diff, end="")
+    would = "would be " if args.dry_run else ""
+    for path in done.files_added:
+        print(f"{would}added to its rootfs: {path}")
+    for path in done.files_removed:
+        print(f"{would}removed from its rootfs: {path}")
+    if done.criu_options:
+        print(f"CRIU options kept for it: {', '.join(done.criu_options)}")
+    if args.dry_run:
+        print(f"{name}: dry run, nothing changed")
+    elif done.backup is not None:
+        print(f"{name}: config backed up to {done.backup}")
+    if done.restarted:
+        print(f"{name}: restarted, the changes apply")
+    elif done.running and not args.dry_run:
+        print(f"{name}: running: the changes apply from its next start (--restart restarts it)")
+    return EXIT_OK
+
+
 def _cmd_check_config(args: argparse.Namespace, engine: Engine) -> int:
     print(f"{args.path or args.config or DEFAULT_CONFIG_PATH}: OK")
     print(describe(engine.config))
@@ -453,6 +539,8 @@ def _cmd_check_config(args: argparse.Namespace, engine: Engine) -> int:
 def _cmd_demo(args: argparse.Namespace, engine: Engine) -> int:
     from evictor.tools import demo  # the demo pulls in the testbed and the daemon
 
+    if args.stock:
+        return demo.run_stock(state_dir=engine.config.state_dir)
     return demo.run(state_dir=engine.config.state_dir, once=args.once, port=args.port)
 
 

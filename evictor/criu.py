@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -27,24 +28,36 @@ _PASSING_CAUSES = (
     "Input/output error",
     "Interrupted system call",
     "Resource temporarily unavailable",
+    # a netlink socket with unread messages (networkd just got a DHCP lease)
+    "The socket has data to read",
 )
 
 
-def log_errors(log_text: str, *, most: int = 3) -> tuple[str, ...]:
-    """The last ``most`` error lines of a CRIU log that explain a failure.
+# A log line, perhaps after a timestamp ("(00.012345) ") and, for a restored
+# task, its pid ("     1: "): CRIU's error lines start "Error (file:line): ".
+_LOG_LINE = re.compile(r"\s*(?:\(\s*[\d.]+\)\s*)?(?:\d+:\s*)?(?P<text>.*)")
 
-    Harmless noise and CRIU's closing "FAILED." summary are left out, so that
-    what remains says why.
+
+def log_errors(log_text: str, *, most: int = 3) -> tuple[str, ...]:
+    """The first ``most`` error lines of a CRIU log, the root cause first.
+
+    CRIU's first error is the one that explains a failure; what follows is
+    mostly its consequence (a restore that fails on a veth NIC ends with
+    "cg: cgroupd: recv req error"). Harmless noise and CRIU's closing
+    "FAILED." summary are left out.
     """
     lines = []
     for raw in log_text.splitlines():
-        line = raw.strip()
+        match = _LOG_LINE.match(raw)
+        line = match.group("text").strip() if match else raw.strip()
         if not line.startswith("Error"):
             continue
         if any(noise in line for noise in _HARMLESS_ERRORS + _SUMMARY_ERRORS):
             continue
         lines.append(line)
-    return tuple(lines[-most:])
+        if len(lines) == most:
+            break
+    return tuple(lines)
 
 
 def cause_persists(error_lines: tuple[str, ...]) -> bool:

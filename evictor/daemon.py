@@ -51,9 +51,8 @@ class Daemon:
 
     def start_up(self) -> None:
         """Hold the daemon lock, then let the engine check the host and settle."""
-        config = self.engine.config
-        log.info("starting: %s", describe(config))
-        config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log.info("starting: %s", describe(self.engine.config))
+        self.engine.ensure_state_dir()
         self._hold_daemon_lock()
         self.engine.start_up()
 

@@ -19,14 +19,24 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from evictor import checkpoint, criu, reconcile, restore
+from evictor import checkpoint, criu, inspection, reconcile, restore
+from evictor import prepare as preparing
 from evictor.config import Config
+from evictor.diagnosis import Finding, HostFacts, diagnose
 from evictor.errors import EvictorError, ImageError, PreflightError, UsageError
 from evictor.images import ImageStore
 from evictor.journal import Journal, ManagedContainer
 from evictor.lxc_runtime import LxcRuntime
-from evictor.model import ContainerState, History, Label, Priority, validate_container_name
+from evictor.model import (
+    CheckVerdict,
+    ContainerState,
+    History,
+    Label,
+    Priority,
+    validate_container_name,
+)
 from evictor.monitor import DEFAULT_PROC_ROOT, Monitor, Sample
+from evictor.prepare import Prepared
 from evictor.ranking import (
     Action,
     Decision,
@@ -39,6 +49,9 @@ from evictor.ranking import (
 )
 
 log = logging.getLogger(__name__)
+
+# Others may pass through the state directory, not list it (see ensure_state_dir).
+STATE_DIR_MODE = 0o711
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,6 +98,27 @@ class Outcome:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckReport:
+    """What ``evictor check`` found for one container."""
+
+    container: str
+    findings: tuple[Finding, ...]
+    trial: bool  # a real dump was tried
+    trial_failure: str | None = None  # CRIU's root cause, when the trial dump failed
+    running: bool = True
+
+    @property
+    def checkpointable(self) -> bool:
+        return not self.findings and self.trial_failure is None
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """One line per problem, as remembered for ``status`` and the planner."""
+        lines = tuple(f"{f.code}: {f.problem}" for f in self.findings)
+        return lines + ((f"trial dump: {self.trial_failure}",) if self.trial_failure else ())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Drain:
     outcomes: tuple[Outcome, ...]
     left_running: tuple[str, ...]  # protected ones, unless all were asked for
@@ -99,6 +133,7 @@ class Engine:
         cgroup_root: Path = Path("/sys/fs/cgroup"),
     ) -> None:
         self.config = config
+        self._proc_root, self._cgroup_root = proc_root, cgroup_root
         self._runtime = LxcRuntime(config.lxc_path, proc_root=proc_root, cgroup_root=cgroup_root)
         self._store = ImageStore(config.image_dir)
         self._monitor = Monitor(self._runtime, self._store, proc_root)
@@ -106,7 +141,21 @@ class Engine:
     @functools.cached_property
     def _journal(self) -> Journal:
         """Opened on first use, so that read-only commands on a fresh host create nothing."""
+        self._make_state_dir()
         return Journal(self.config.state_dir / "journal.db")
+
+    def _make_state_dir(self) -> None:
+        state_dir = self.config.state_dir
+        if not state_dir.exists():
+            state_dir.mkdir(parents=True)
+            os.chmod(state_dir, STATE_DIR_MODE)
+
+    def ensure_state_dir(self) -> None:
+        """Make the state directory, or refuse one others may write to; let others pass
+        through it (an unprivileged container's root reaches its image), not list it."""
+        self._make_state_dir()
+        check_private(self.config.state_dir, "state directory")
+        os.chmod(self.config.state_dir, STATE_DIR_MODE)
 
     def close(self) -> None:
         if "_journal" in self.__dict__:
@@ -232,6 +281,54 @@ class Engine:
             evicted_seconds=done.evicted_seconds,
         )
 
+    def check(self, name: str, *, trial: bool = False) -> CheckReport:
+        """Is ``name`` checkpointable here? Every reason it is not, with its remedy,
+        from its config, rootfs and tasks (nothing frozen); ``trial`` adds a real dump
+        that leaves it running. The verdict is remembered for the planner and status."""
+        validate_container_name(name)
+        facts = inspection.container_facts(self._runtime, name, proc_root=self._proc_root)
+        report = CheckReport(
+            container=name,
+            findings=diagnose(facts, self._host_facts()),
+            trial=trial and facts.running,
+            running=facts.running,
+        )
+        if report.trial:
+            failure = checkpoint.trial_dump(self._runtime, self._store, name)
+            if failure is not None:
+                report = dataclasses.replace(
+                    report, trial_failure=str(failure).removeprefix(f"{name}: ")
+                )
+        self._journal.record_check(
+            name,
+            CheckVerdict(
+                checkpointable=report.checkpointable,
+                problems=report.problems,
+                at=time.time(),
+                config_digest=self._runtime.config_digest(name),
+                trial=report.trial,
+            ),
+        )
+        return report
+
+    def prepare(
+        self, name: str, *, undo: bool = False, dry_run: bool = False, restart: bool = False
+    ) -> Prepared:
+        """Apply the remedies ``check`` marks safe (or undo them); restart the container
+        so that they apply, if asked to."""
+        if undo:
+            prepared = preparing.undo(self._runtime, self._store, name, dry_run=dry_run)
+        else:
+            host = self._host_facts()
+            prepared = preparing.prepare(self._runtime, self._store, host, name, dry_run=dry_run)
+        if restart and not dry_run and prepared.changed and prepared.running:
+            self._runtime.restart(name)
+            prepared = dataclasses.replace(prepared, restarted=True)
+        return prepared
+
+    def _host_facts(self) -> HostFacts:
+        return inspection.host_facts(proc_root=self._proc_root, cgroup_root=self._cgroup_root)
+
     def label(self, name: str, label: Label) -> Priority:
         """Merge ``label`` into the container's label; return its effective priority."""
         self._journal.set_label(validate_container_name(name), label)
@@ -320,8 +417,7 @@ class Engine:
 
     def start_up(self) -> None:
         """Check the host, settle what was interrupted, release drained containers."""
-        self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        check_private(self.config.state_dir, "state directory")
+        self.ensure_state_dir()
         self._store.ensure()
         criu.check_criu()
         journal = self._journal

@@ -88,6 +88,7 @@ class Phase(enum.Enum):
     DUMP = "dump"
     SEAL = "seal"
     COMMIT = "commit"
+    NETWORK = "network"  # the restore: its address is taken
     RESTORE = "restore"
     WAIT = "wait"
 

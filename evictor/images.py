@@ -1,12 +1,14 @@
 """The image store: one root-only directory per evicted container.
 
-Layout under the store root (default /var/lib/evictor/images, mode 0700)::
+Layout under the store root (default /var/lib/evictor/images, mode 0711)::
 
-    NAME/              CRIU's image files, dump.log, stats-dump (0700 / 0600)
+    NAME/              CRIU's image files, dump.log, stats-dump (0700 / 0600;
+                       root:MAPPED-ROOT-GROUP 0750 / 0640 for an unprivileged container)
     NAME/manifest.json the commit point: written last, atomically
     .NAME.lock         flock held by whoever is evicting or restoring NAME
     .NAME.kept-NS      an image set aside after a failure, for the operator
     .NAME.gate/        the restore gate while NAME is restored (restore_gate.py)
+    .NAME.trial/       a trial dump of NAME (evictor check --trial), removed after
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +31,10 @@ import xxhash
 from evictor.criu import DumpStats
 from evictor.errors import CorruptImage, ImageError, LockBusy, ManifestError, NoImage
 from evictor.manifest import MANIFEST_NAME, ImageFile, Manifest
-from evictor.model import validate_container_name
+from evictor.model import IdMap, validate_container_name
 
+# The store root: others may pass through, not list (see ImageStore.ensure).
+ROOT_MODE = 0o711
 # Files a failed restore attempt adds beside a committed image; they are not
 # part of the image, and CRIU never reads them.
 _RESTORE_LEFTOVERS = frozenset({"restore.log", "stats-restore"})
@@ -48,7 +53,8 @@ class StoredImage:
     manifest: Manifest | None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make a directory's entries durable (after a create, rename or removal in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -125,9 +131,39 @@ class ImageStore:
         self.root = root
 
     def ensure(self) -> None:
-        """Create the store root, root-only; tighten it if it was looser."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        """Create the store root: others may pass through it (an unprivileged
+        container's root must reach its own image) but not list it; set so if it
+        was otherwise."""
+        self.root.mkdir(mode=ROOT_MODE, parents=True, exist_ok=True)
+        os.chmod(self.root, ROOT_MODE)
+
+    def share_with(self, container: str, idmap: IdMap) -> None:
+        """Let an unprivileged container's root read its sealed image, and nobody else.
+
+        CRIU opens some image files from inside the container's user namespace
+        at restore, some before and some after its id map is written: each file
+        is owned by root (for before) with the mapped root's group (for after),
+        0640, in a 0750 directory (PLATFORM.md; "owned by the mapped root, 0600"
+        fails now and then on timens-0.img).
+        """
+        directory = self.path(container)
+        for path in (directory, *directory.iterdir()):
+            os.chown(path, 0, idmap.root_gid)
+            os.chmod(path, 0o750 if path.is_dir() else 0o640)
+
+    def unreachable_by(self, idmap: IdMap) -> Path | None:
+        """The first directory on the way to the store that an unprivileged
+        container's root cannot pass through, or None if it can reach its image."""
+        for directory in (*reversed(self.root.parents), self.root):
+            if not directory.exists():
+                return None  # created by evictor, passable
+            status = directory.stat()
+            if status.st_mode & stat.S_IXOTH:
+                continue
+            if status.st_gid == idmap.root_gid and status.st_mode & stat.S_IXGRP:
+                continue
+            return directory
+        return None
 
     def path(self, container: str) -> Path:
         return self.root / validate_container_name(container)
@@ -181,7 +217,7 @@ class ImageStore:
         """Seal every file CRIU wrote (see seal_files), then the directory itself."""
         directory = self.path(container)
         files = seal_files([path for path in sorted(directory.iterdir()) if path.is_file()])
-        _fsync_dir(directory)
+        fsync_directory(directory)
         return files
 
     def commit_dump(
@@ -195,6 +231,7 @@ class ImageStore:
         dump_duration_seconds: float,
         dump_stats: DumpStats,
         evicted_at: float,
+        ipv4_addresses: tuple[str, ...] = (),
     ) -> Manifest:
         """Commit a sealed dump (``files``, from seal): from here on it is the
         container's state. The one place a manifest is made."""
@@ -207,6 +244,7 @@ class ImageStore:
             dump_duration_seconds=round(dump_duration_seconds, 6),
             files=files,
             dump_stats=dump_stats,
+            ipv4_addresses=ipv4_addresses,
         )
         self.commit(manifest)
         return manifest
@@ -222,7 +260,7 @@ class ImageStore:
         finally:
             os.close(fd)
         os.replace(temporary, directory / MANIFEST_NAME)
-        _fsync_dir(directory)
+        fsync_directory(directory)
 
     def load(self, container: str) -> Manifest:
         """The committed manifest, unverified against the files."""
@@ -280,6 +318,10 @@ class ImageStore:
         if problem:
             raise CorruptImage(f"{manifest.container}: {problem}", container=manifest.container)
 
+    def trial_path(self, container: str) -> Path:
+        """Where ``evictor check --trial`` dumps, removed afterwards."""
+        return self.root / f".{validate_container_name(container)}.trial"
+
     def gate_path(self, container: str) -> Path:
         return self.root / f".{validate_container_name(container)}.gate"
 
@@ -287,7 +329,7 @@ class ImageStore:
         """Remove the image, and the restore gate a killed evictor may have left."""
         shutil.rmtree(self.path(container), ignore_errors=False)
         shutil.rmtree(self.gate_path(container), ignore_errors=True)
-        _fsync_dir(self.root)
+        fsync_directory(self.root)
 
     def discard_partial(self, container: str) -> None:
         """Remove a dump that was never committed; a committed image is never touched."""
@@ -298,7 +340,7 @@ class ImageStore:
         """Move an image aside, out of every other operation's way, and return where."""
         kept = self.root / f".{validate_container_name(container)}.kept-{time.time_ns()}"
         os.rename(self.path(container), kept)
-        _fsync_dir(self.root)
+        fsync_directory(self.root)
         return kept
 
     def free_bytes(self) -> int:
@@ -308,8 +350,8 @@ class ImageStore:
         """(size, free) of the filesystem that holds (or will hold) the store, in bytes;
         creates nothing."""
         existing = next(p for p in (self.root, *self.root.parents) if p.exists())
-        stat = os.statvfs(existing)
-        return stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
+        filesystem = os.statvfs(existing)
+        return filesystem.f_blocks * filesystem.f_frsize, filesystem.f_bavail * filesystem.f_frsize
 
     def images(self) -> list[StoredImage]:
         """Every image in the store, committed or partial, by container name."""

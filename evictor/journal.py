@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import json
 import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from evictor.model import CheckpointFailure, History, Label, Managed
+from evictor.model import CheckpointFailure, CheckVerdict, History, Label, Managed
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (
@@ -34,6 +35,14 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
 CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, container);
+CREATE TABLE IF NOT EXISTS checks (
+    container TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    checkpointable INTEGER NOT NULL,
+    problems TEXT NOT NULL,
+    config_digest TEXT,
+    trial INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS containers (
     container TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -221,6 +230,38 @@ class Journal:
             args += (container,)
         return [_event(row) for row in self._db.execute(query + " ORDER BY id", args)]
 
+    def record_check(self, container: str, verdict: CheckVerdict) -> None:
+        """Remember ``evictor check``'s verdict (the last one per container)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO checks"
+                " (container, at, checkpointable, problems, config_digest, trial)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    container,
+                    verdict.at,
+                    int(verdict.checkpointable),
+                    json.dumps(list(verdict.problems)),
+                    verdict.config_digest,
+                    int(verdict.trial),
+                ),
+            )
+
+    def checks(self) -> dict[str, CheckVerdict]:
+        rows = self._db.execute(
+            "SELECT container, at, checkpointable, problems, config_digest, trial FROM checks"
+        )
+        return {
+            name: CheckVerdict(
+                checkpointable=bool(checkpointable),
+                problems=tuple(json.loads(problems)),
+                at=at,
+                config_digest=digest,
+                trial=bool(trial),
+            )
+            for name, at, checkpointable, problems, digest, trial in rows
+        }
+
     def _failures_since_success(self, failed: EventKind, succeeded: EventKind) -> list[Event]:
         """Every ``failed`` event after its container's last ``succeeded`` one, oldest first:
         a streak of failures, however old, decides a backoff."""
@@ -256,9 +297,10 @@ class Journal:
                 persistent=event.persistent,
                 config_digest=event.config_digest,
             )
-        restore_failures: dict[str, list[float]] = {}
+        restore_failures: dict[str, list[Event]] = {}
         for event in self._failures_since_success(EventKind.RESTORE_FAILED, EventKind.RESTORED):
-            restore_failures.setdefault(event.container, []).append(event.at)
+            restore_failures.setdefault(event.container, []).append(event)
+        checks = self.checks()
         names = evictions.keys() | restored.keys() | checkpoint_failures.keys()
         return {
             name: History(
@@ -266,9 +308,15 @@ class Journal:
                 last_restored_at=restored.get(name),
                 checkpoint_failure=checkpoint_failures.get(name),
                 restore_failures=len(restore_failures.get(name, ())),
-                last_restore_failure_at=max(restore_failures.get(name, ()), default=None),
+                last_restore_failure_at=(
+                    restore_failures[name][-1].at if name in restore_failures else None
+                ),
+                restore_failure=(
+                    restore_failures[name][-1].detail if name in restore_failures else None
+                ),
+                check=checks.get(name),
             )
-            for name in names | restore_failures.keys()
+            for name in names | restore_failures.keys() | checks.keys()
         }
 
 

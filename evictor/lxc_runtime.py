@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import lxc
 
-from evictor import cgroups, criu
+from evictor import cgroups, criu, lxc_config
 from evictor.errors import (
     CheckpointFailed,
     ContainerCommandFailed,
@@ -26,11 +28,13 @@ from evictor.errors import (
     Phase,
     RestoreFailed,
 )
-from evictor.model import ContainerState
+from evictor.model import ContainerConfig, ContainerState, IdMap, Nic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LXC_PATH = Path("/var/lib/lxc")
+# How long to wait, after lxc-checkpoint failed, for criu to finish its log.
+CRIU_LOG_WAIT_SECONDS = 2.0
 # How long an lxc-checkpoint (and so a CRIU dump or restore) may take before it
 # is killed; a daemon that finds one still running at its start waits as long.
 COMMAND_TIMEOUT_SECONDS = 900.0
@@ -53,12 +57,16 @@ class LxcRuntime:
         self.command_timeout_seconds = command_timeout_seconds
         # liblxc handles, kept: making one parses the container's config (about
         # as costly as the state and pid queries together); their queries are live.
-        self._handles: dict[str, lxc.Container] = {}
+        self._handles: dict[str, tuple[lxc.Container, str | None]] = {}
 
     def _container(self, name: str) -> lxc.Container:
-        container = self._handles.get(name)
-        if container is None:
-            container = self._handles[name] = lxc.Container(name, str(self.lxc_path))
+        """The container's liblxc handle, made again when its config file changed (a
+        handle holds the config as it was parsed)."""
+        digest = self.config_digest(name)
+        cached = self._handles.get(name)
+        if cached is None or cached[1] != digest:
+            cached = self._handles[name] = (lxc.Container(name, str(self.lxc_path)), digest)
+        container = cached[0]
         if not container.defined:
             del self._handles[name]
             raise ContainerNotFound(f"{name}: no such container in {self.lxc_path}", container=name)
@@ -89,7 +97,9 @@ class LxcRuntime:
         pid = self.init_pid(name)
         if pid is None:
             return None
-        return cgroups.memory_cgroup_of(pid, proc_root=self.proc_root, cgroup_root=self.cgroup_root)
+        return cgroups.memory_cgroup_of(
+            pid, proc_root=self.proc_root, cgroup_root=self.cgroup_root, container=name
+        )
 
     def memory_usage_bytes(self, name: str) -> int | None:
         """Bytes charged to the running container's memory cgroup, None if stopped."""
@@ -132,17 +142,86 @@ class LxcRuntime:
     def wait_for_state(self, name: str, state: ContainerState, timeout_seconds: float) -> bool:
         return bool(self._container(name).wait(state.value, math.ceil(timeout_seconds)))
 
-    def checkpoint(self, name: str, image_dir: Path) -> None:
-        """Dump the container into ``image_dir`` and stop it (``lxc-checkpoint -s``)."""
-        self._container(name)
-        result = self._run(
-            ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-s", "-D", str(image_dir)]
+    def container_config(self, name: str) -> ContainerConfig:
+        """What the container's config says (effective values, includes resolved)."""
+        container = self._container(name)
+
+        def item(key: str) -> str:
+            try:
+                value = container.get_config_item(key)
+            except KeyError:
+                return ""
+            return "\n".join(value) if isinstance(value, list) else str(value or "")
+
+        def items(key: str) -> tuple[str, ...]:
+            return tuple(line for line in item(key).splitlines() if line.strip())
+
+        nics = []
+        for index, nic_type in enumerate(items("lxc.net")):
+            prefix = f"lxc.net.{index}."
+            nics.append(
+                Nic(
+                    index=index,
+                    type=nic_type,
+                    name=item(prefix + "name") or f"eth{index}",
+                    link=item(prefix + "link") or None,
+                    ipv4_addresses=items(prefix + "ipv4.address"),
+                )
+            )
+        _, block = lxc_config.split(self._config_text(name))
+        return ContainerConfig(
+            rootfs=item("lxc.rootfs.path").removeprefix("dir:"),
+            tty_max=_integer(item("lxc.tty.max")),
+            pty_max=_integer(item("lxc.pty.max")),
+            console_path=item("lxc.console.path"),
+            apparmor_profile=item("lxc.apparmor.profile"),
+            mount_entries=items("lxc.mount.entry"),
+            nics=tuple(nics),
+            idmap=_root_idmap(items("lxc.idmap")),
+            init_cmd=item("lxc.init.cmd"),
+            environment=items("lxc.environment"),
+            seccomp_profile=item("lxc.seccomp.profile"),
+            criu_options=block.criu_options if block else (),
+            prepared=block is not None,
         )
+
+    def ipv4_addresses(self, name: str) -> tuple[str, ...]:
+        """The IPv4 addresses of a running container (read from its network namespace)."""
+        container = self._container(name)
+        if container.state != ContainerState.RUNNING.value:
+            return ()
+        return tuple(container.get_ips(family="inet") or ())
+
+    def address_holders(self, addresses: tuple[str, ...], *, besides: str) -> dict[str, str]:
+        """Which running container of the LXC path (but ``besides``) holds each of
+        ``addresses`` now: {address: container}."""
+        wanted, holders = set(addresses), {}
+        for other in self.names() if wanted else ():
+            if other != besides:
+                for address in wanted.intersection(self.ipv4_addresses(other)):
+                    holders[address] = other
+        return holders
+
+    def config_path(self, name: str) -> Path:
+        return self.lxc_path / name / "config"
+
+    def _config_text(self, name: str) -> str:
+        try:
+            return self.config_path(name).read_text()
+        except FileNotFoundError:
+            return ""
+
+    def checkpoint(self, name: str, image_dir: Path, *, leave_running: bool = False) -> None:
+        """Dump the container into ``image_dir`` and stop it (``lxc-checkpoint -s``), or
+        leave it running (a trial dump)."""
+        config = self.container_config(name)
+        argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-D", str(image_dir)]
+        result = self._run_criu(argv if leave_running else [*argv, "-s"], config.criu_options)
         if result.returncode != 0:
-            criu_errors = _criu_errors(image_dir / "dump.log")
+            criu_errors = self._criu_errors(image_dir, "dump.log")
             lines = criu_errors or _last_output_line(result)
             raise CheckpointFailed(
-                f"{name}: CRIU dump failed: {lines[-1] if lines else 'no reason logged'}",
+                f"{name}: CRIU dump failed: {lines[0] if lines else 'no reason logged'}",
                 container=name,
                 phase=Phase.DUMP,
                 log_lines=lines,
@@ -151,35 +230,61 @@ class LxcRuntime:
             )
 
     def restore(
-        self, name: str, image_dir: Path, environment: dict[str, str] | None = None
+        self,
+        name: str,
+        image_dir: Path,
+        *,
+        criu_options: tuple[str, ...] = (),
+        environment: dict[str, str] | None = None,
     ) -> None:
         """Restore the container from ``image_dir``, daemonized (``lxc-checkpoint -r -d``).
 
+        ``criu_options`` join the container's own and those its NICs need;
         ``environment`` is added to the tool's (and so criu's) environment.
         """
-        self._container(name)
-        result = self._run(
-            [
-                "lxc-checkpoint",
-                "-P",
-                str(self.lxc_path),
-                "-n",
-                name,
-                "-r",
-                "-d",
-                "-D",
-                str(image_dir),
-            ],
-            environment,
-        )
+        config = self.container_config(name)
+        options = (*config.criu_options, *_userns_veth_options(config), *criu_options)
+        argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-r", "-d"]
+        result = self._run_criu([*argv, "-D", str(image_dir)], options, environment)
         if result.returncode != 0:
-            lines = _criu_errors(image_dir / "restore.log") or _last_output_line(result)
+            lines = self._criu_errors(image_dir, "restore.log") or _last_output_line(result)
             raise RestoreFailed(
-                f"{name}: CRIU restore failed: {lines[-1] if lines else 'no reason logged'}",
+                f"{name}: CRIU restore failed: {lines[0] if lines else 'no reason logged'}",
                 container=name,
                 phase=Phase.RESTORE,
                 log_lines=lines,
             )
+
+    def _run_criu(
+        self,
+        argv: list[str],
+        criu_options: tuple[str, ...],
+        environment: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run lxc-checkpoint with ``criu_options`` in a CRIU config file of its own:
+        criu adds the file's options to those LXC passes (PLATFORM.md), and the
+        file holds whatever scripts the options name."""
+        with tempfile.TemporaryDirectory(prefix="evictor-criu-") as directory:
+            lines = list(criu_options)
+            if any(option.startswith("external netdev[") for option in lines):
+                script = Path(directory) / "veth-pre-restore.sh"
+                script.write_text(VETH_PRE_RESTORE_SCRIPT)
+                script.chmod(0o700)
+                lines.append(f"action-script {script}")
+            config = Path(directory) / "criu.conf"
+            config.write_text("".join(f"{line}\n" for line in lines))
+            return self._run(argv, {**(environment or {}), "CRIU_CONFIG_FILE": str(config)})
+
+    def _criu_errors(self, image_dir: Path, log_name: str) -> tuple[str, ...]:
+        """CRIU's reasons from its log, once no criu still writes it: lxc-checkpoint
+        may return before a failed restore's tasks have logged why (PLATFORM.md)."""
+        deadline = time.monotonic() + CRIU_LOG_WAIT_SECONDS
+        while self.tools_using(image_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            return criu.log_errors((image_dir / log_name).read_text(errors="replace"))
+        except FileNotFoundError:
+            return ()
 
     def tools_using(self, image_dir: Path) -> list[int]:
         """Pids of lxc-checkpoint or criu processes working on ``image_dir``.
@@ -206,6 +311,12 @@ class LxcRuntime:
     def start(self, name: str) -> None:
         """Start the container cold (``lxc-start``): for tools and demos."""
         self._checked(["lxc-start", "-P", str(self.lxc_path), "-n", name], name)
+
+    def restart(self, name: str, shutdown_timeout_seconds: float = 60.0) -> None:
+        """Shut the container down cleanly (killed after the timeout), then start it."""
+        argv = ["lxc-stop", "-P", str(self.lxc_path), "-n", name]
+        self._checked([*argv, "-t", str(math.ceil(shutdown_timeout_seconds))], name)
+        self.start(name)
 
     def stop(self, name: str) -> None:
         """Stop the container at once (SIGKILL to its init)."""
@@ -264,12 +375,64 @@ class LxcRuntime:
         return subprocess.CompletedProcess(argv, process.returncode, "", text)
 
 
-def _criu_errors(log_path: Path) -> tuple[str, ...]:
-    """CRIU's reasons from its log, if it wrote one."""
-    try:
-        return criu.log_errors(log_path.read_text(errors="replace"))
-    except FileNotFoundError:
+def _integer(text: str) -> int:
+    return int(text) if text.strip().isdigit() else 0
+
+
+def _root_idmap(lines: tuple[str, ...]) -> IdMap | None:
+    """Where the container's root (uid and gid 0) is mapped on the host, from its
+    ``lxc.idmap`` lines ("u 0 100000 65536"); None if it has no user namespace."""
+    roots: dict[str, int] = {}
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 4 and fields[0] in ("u", "g", "b") and fields[1] == "0":
+            for kind in ("u", "g") if fields[0] == "b" else (fields[0],):
+                roots[kind] = int(fields[2])
+    if "u" not in roots or "g" not in roots:
+        return None
+    return IdMap(root_uid=roots["u"], root_gid=roots["g"])
+
+
+def _userns_veth_options(config: ContainerConfig) -> tuple[str, ...]:
+    """CRIU options that restore a user-namespaced container's veth NICs.
+
+    Since kernel 6.15 CRIU's own way (creating the pair from its usernsd, with
+    the dumped index) fails ("-95 reported by netlink", PLATFORM.md). Instead a
+    pre-restore action script creates each pair in the host namespace, and CRIU
+    moves the container's end in (``external netdev``), then attaches the host's
+    end to the bridge as LXC asks it to.
+    """
+    if config.idmap is None:
         return ()
+    return tuple(
+        f"external netdev[{nic.name}]:evr{secrets.token_hex(4)}{nic.index}"
+        for nic in config.nics
+        if nic.type == "veth"
+    )
+
+
+# The pre-restore script of _userns_veth_options. The container's end of each
+# pair comes from the `external netdev[IF]:NAME` lines of CRIU_CONFIG_FILE; the
+# host's end from criu's own arguments, where LXC passes `--external
+# veth[IF]:HOST@BRIDGE` (lxc.net.N.veth.pair, or a fresh name at each restore).
+VETH_PRE_RESTORE_SCRIPT = r"""#!/bin/sh
+# Written by evictor: create the veth pairs CRIU moves into a user-namespaced
+# container at restore (evictor/lxc_runtime.py).
+[ "$CRTOOLS_SCRIPT_ACTION" = pre-restore ] || exit 0
+pid=$$
+while [ "$pid" -gt 1 ] && [ "$(cat /proc/$pid/comm)" != criu ]; do
+    pid=$(cut -d' ' -f4 /proc/$pid/stat)
+done
+[ "$pid" -gt 1 ] || { echo "evictor: criu not found among the script's ancestors" >&2; exit 1; }
+criu_argv=$(tr '\0' '\n' < /proc/$pid/cmdline)
+sed -n 's/^external netdev\[\([^]]*\)\]:\(.*\)$/\1 \2/p' "$CRIU_CONFIG_FILE" |
+while read -r ifname inside; do
+    host=$(printf '%s\n' "$criu_argv" | sed -n "s/^veth\[$ifname\]:\([^@]*\)@.*/\1/p" | head -n 1)
+    [ -n "$host" ] || { echo "evictor: no veth[$ifname] among criu's arguments" >&2; exit 1; }
+    ip link del "$host" 2>/dev/null  # left by a failed restore
+    ip link add name "$host" type veth peer name "$inside" || exit 1
+done
+"""
 
 
 def _last_output_line(result: subprocess.CompletedProcess[str]) -> tuple[str, ...]:

@@ -39,6 +39,9 @@ class Manifest:
     dump_duration_seconds: float  # lxc-checkpoint alone, without sealing
     files: tuple[ImageFile, ...]
     dump_stats: DumpStats
+    # Its IPv4 addresses when it was evicted: no other container may hold one of them
+    # when it is restored (absent from manifests of evictor before 0.2)
+    ipv4_addresses: tuple[str, ...] = ()
 
     @property
     def image_bytes(self) -> int:
@@ -62,7 +65,8 @@ class Manifest:
                 raise ManifestError("manifest checksum does not match its contents")
             files = tuple(ImageFile(**f) for f in document.pop("files"))
             stats = DumpStats(**document.pop("dump_stats"))
-            manifest = cls(files=files, dump_stats=stats, **document)
+            addresses = tuple(document.pop("ipv4_addresses", ()))
+            manifest = cls(files=files, dump_stats=stats, ipv4_addresses=addresses, **document)
         except ManifestError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as error:

@@ -128,7 +128,18 @@ class _Gauges(Collector):
             else:
                 shown = "EVICTED" if container.evicted else container.state.value
             state.add_metric([name, shown], 1)
-        yield from (memory, footprint, priority, state, evicted_at)
+        checkpointable = GaugeMetricFamily(
+            "evictor_container_checkpointable",
+            "1 if `evictor check` found the container checkpointable with its current config,"
+            " 0 if not; absent until it is checked",
+            labels=["container"],
+        )
+        for container in snapshot.sample.containers:
+            history = snapshot.histories.get(container.name)
+            check = history.check if history is not None else None
+            if check is not None and check.config_digest == container.config_digest:
+                checkpointable.add_metric([container.name], float(check.checkpointable))
+        yield from (memory, footprint, priority, state, evicted_at, checkpointable)
 
 
 class Metrics:

@@ -13,6 +13,12 @@ from evictor.errors import UsageError
 _CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+class CgroupLayout(enum.Enum):
+    V1 = "v1"
+    HYBRID = "hybrid"  # v1 controllers, and a cgroup2 tree at unified/
+    V2 = "v2"
+
+
 class ContainerState(enum.Enum):
     """A container's state as LXC reports it."""
 
@@ -124,11 +130,67 @@ class CheckpointFailure:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckVerdict:
+    """What ``evictor check`` last found, remembered for the planner and for ``status``."""
+
+    checkpointable: bool
+    problems: tuple[str, ...]  # one line each, the first the one to show
+    at: float  # Unix seconds
+    config_digest: str | None  # the container's LXC config then: a change makes it stale
+    trial: bool = False  # a real dump was tried
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class History:
-    """What evictor did to one container lately (times are Unix seconds)."""
+    """What evictor did to, and knows of, one container (times are Unix seconds)."""
 
     eviction_times: tuple[float, ...] = ()
     last_restored_at: float | None = None
     checkpoint_failure: CheckpointFailure | None = None  # its last eviction attempts failed
     restore_failures: int = 0  # consecutive failed restores
     last_restore_failure_at: float | None = None
+    restore_failure: str | None = None  # why the last of them failed
+    check: CheckVerdict | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Nic:
+    """One network interface of a container's LXC config."""
+
+    index: int  # N of lxc.net.N
+    type: str  # veth, empty, macvlan, phys, ...
+    name: str  # inside the container (lxc.net.N.name, else ethN)
+    link: str | None = None  # the host bridge or device
+    ipv4_addresses: tuple[str, ...] = ()  # static ones, "10.0.3.5/24"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IdMap:
+    """Where a user-namespaced container's root lives on the host."""
+
+    root_uid: int
+    root_gid: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ContainerConfig:
+    """What a container's LXC config says, as far as checkpointing cares (effective
+    values: includes resolved, later lines winning)."""
+
+    rootfs: str
+    tty_max: int = 0
+    pty_max: int = 0
+    console_path: str = ""  # "" is LXC's default: a console; "none" is none
+    apparmor_profile: str = ""
+    mount_entries: tuple[str, ...] = ()
+    nics: tuple[Nic, ...] = ()
+    idmap: IdMap | None = None  # None: privileged
+    init_cmd: str = ""
+    environment: tuple[str, ...] = ()
+    seccomp_profile: str = ""
+    criu_options: tuple[str, ...] = ()  # kept for it by `evictor prepare`
+    prepared: bool = False  # `evictor prepare` has changed it
+
+    @property
+    def unprivileged(self) -> bool:
+        return self.idmap is not None

@@ -127,7 +127,7 @@ class Monitor:
         key = (name, pid)
         if key not in self._cgroups:
             self._cgroups[key] = cgroups.memory_cgroup_of(
-                pid, proc_root=self.proc_root, cgroup_root=self.runtime.cgroup_root
+                pid, proc_root=self.proc_root, cgroup_root=self.runtime.cgroup_root, container=name
             )
         return self._cgroups[key]
 
@@ -138,6 +138,7 @@ class Monitor:
         seen: dict[tuple[str, int], cgroups.MemoryCgroup | None],
     ) -> ContainerSample:
         state, pid = self.runtime.state_and_pid(name)
+        config_digest = self.runtime.config_digest(name)
         if state in (ContainerState.RUNNING, ContainerState.FROZEN) and pid is not None:
             cgroup = seen[(name, pid)] = self._memory_cgroup(name, pid)
             if cgroup is not None:
@@ -156,7 +157,7 @@ class Monitor:
                         file_bytes=stats.file_bytes,
                         limit_bytes=stats.limit_bytes,
                         pressure=stats.pressure,
-                        config_digest=self.runtime.config_digest(name),
+                        config_digest=config_digest,
                     )
         if state is ContainerState.STOPPED and image is not None and image.manifest is not None:
             return ContainerSample(
@@ -166,5 +167,6 @@ class Monitor:
                 evicted_usage_bytes=image.manifest.memory_usage_bytes,
                 image_bytes=image.manifest.image_bytes,
                 evicted_at=image.manifest.evicted_at,
+                config_digest=config_digest,
             )
-        return ContainerSample(name=name, state=state)
+        return ContainerSample(name=name, state=state, config_digest=config_digest)

@@ -8,7 +8,8 @@ min_reclaim)`` (and, for the budget, enough to get ``min_reclaim`` under it),
 evicting candidates lowest priority first; within one priority those whose last
 checkpoint did not fail first, then the largest; ties by name. Protected
 containers are never candidates; neither is a container restored less than its
-cooldown ago, unless memory is critically low, nor one whose checkpoints failed
+cooldown ago, unless memory is critically low, nor one ``evictor check`` found
+not checkpointable (with its current config), nor one whose checkpoints failed
 lately (an exponential backoff; at critical pressure only failures that may
 pass by themselves are retried early). The next candidates stand by: if an
 eviction fails, the round goes on with them until the target is met.
@@ -172,11 +173,25 @@ def _cooling_down(history: History, policy: AntiThrash, now: float) -> float | N
     return left if left > 0 else None
 
 
+def known_uncheckpointable(sample: ContainerSample, history: History) -> str | None:
+    """Why ``evictor check`` found the container not checkpointable, or None if it did
+    not (or its config changed since: the verdict is stale)."""
+    check = history.check
+    if check is None or check.checkpointable or check.config_digest != sample.config_digest:
+        return None
+    return check.problems[0] if check.problems else "evictor check failed"
+
+
 def eligibility(
     sample: ContainerSample, priority: Priority, history: History, config: Config, now: float
 ) -> str:
     """One phrase for ``evictor status``: may evictor evict this container now?"""
     if sample.evicted:
+        if history.restore_failures:
+            return (
+                f"evicted; restore failed {history.restore_failures} time(s):"
+                f" {history.restore_failure}"
+            )
         return "evicted"
     if sample.stale_image:
         return "stale image: started outside evictor after its eviction; image kept"
@@ -184,6 +199,9 @@ def eligibility(
         return "protected"
     if sample.state is not ContainerState.RUNNING:
         return "not running"
+    unfit = known_uncheckpointable(sample, history)
+    if unfit is not None:
+        return f"not checkpointable (evictor check): {unfit}"
     left = _cooling_down(history, config.antithrash, now)
     if left is not None:
         return f"cooling down ({left:.0f} s left)"
@@ -344,6 +362,7 @@ def _choose_evictions(
     ranked: list[tuple[int, bool, int, str]] = []
     spared = []
     held: list[str] = []
+    uncheckpointable: list[str] = []
     failures: dict[str, CheckpointFailure] = {}
     for sample in running:
         name = sample.name
@@ -353,6 +372,10 @@ def _choose_evictions(
         history = histories.get(name)
         if history is None:
             ranked.append((priority.value, False, -sample.usage_bytes, name))
+            continue
+        unfit = known_uncheckpointable(sample, history)
+        if unfit is not None:
+            uncheckpointable.append(f"{name}: {unfit}")
             continue
         if (
             not critical
@@ -375,6 +398,9 @@ def _choose_evictions(
         notes.append(f"spared, restored too recently (anti-thrash cooldown): {_listed(spared)}")
     if held:
         notes.append(f"held back after failed checkpoints: {_listed(held, separator='; ')}")
+    if uncheckpointable:
+        listed = _listed(uncheckpointable, separator="; ")
+        notes.append(f"not checkpointable here (evictor check): {listed}")
     heapq.heapify(ranked)
     chosen: list[Decision] = []
     standby: list[Decision] = []

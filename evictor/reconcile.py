@@ -152,9 +152,13 @@ def _settle_in_flight(
     if image is ImageState.PARTIAL and dump_is_complete(store, name):
         directory = store.path(name)
         stats = criu.read_dump_stats(directory)
+        files = store.seal(name)
+        config = runtime.container_config(name)
+        if config.idmap is not None:
+            store.share_with(name, config.idmap)
         store.commit_dump(
             name,
-            files=store.seal(name),
+            files=files,
             lxc_path=runtime.lxc_path,
             reason=f"{reason} (committed after an interruption)",
             # The usage before the dump was not recorded: the pages CRIU wrote are
@@ -163,6 +167,10 @@ def _settle_in_flight(
             dump_duration_seconds=0.0,
             dump_stats=stats,
             evicted_at=directory.stat().st_mtime,
+            # Its addresses then were not recorded: its static ones are the best guess.
+            ipv4_addresses=tuple(
+                address.split("/")[0] for nic in config.nics for address in nic.ipv4_addresses
+            ),
         )
         lifecycle.move(journal, name, Managed.EVICTED, at=now, reason=reason)
         return "its dump had completed: image sealed and committed, EVICTED"

@@ -57,6 +57,7 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
             )
         lifecycle.move(journal, name, Managed.RESTORING, at=time.time())
         try:
+            _refuse_a_taken_address(runtime, manifest)
             store.verify_metadata(manifest)
             _restore_verifying_memory(runtime, store, manifest)
             if not runtime.wait_for_state(name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS):
@@ -105,6 +106,21 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
     return restoration
 
 
+def _refuse_a_taken_address(runtime: LxcRuntime, manifest: Manifest) -> None:
+    """Never two containers with one address: one that took an evicted container's
+    address meanwhile (a DHCP lease given again, a static one reused) stops its restore."""
+    name = manifest.container
+    holders = runtime.address_holders(manifest.ipv4_addresses, besides=name)
+    if holders:
+        taken = ", ".join(f"{address} is held by {other}" for address, other in holders.items())
+        raise RestoreFailed(
+            f"{name}: its address is taken ({taken}): restoring it would give two containers"
+            " one address; image kept",
+            container=name,
+            phase=Phase.NETWORK,
+        )
+
+
 def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: Manifest) -> None:
     """Restore while the memory contents are hashed; CRIU waits for the verdict."""
     name = manifest.container
@@ -123,7 +139,12 @@ def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: 
         verifier.start()
         try:
             try:
-                runtime.restore(name, store.path(name), gate.environment)
+                runtime.restore(
+                    name,
+                    store.path(name),
+                    criu_options=gate.criu_options,
+                    environment=gate.environment,
+                )
             finally:
                 verifier.join()  # never leave it writing into a removed gate
         except RestoreFailed:

@@ -3,8 +3,8 @@
 Verifying a 1 GiB image before CRIU reads it costs a full read from disk
 before the restore even starts. Instead, evictor checks everything but the
 memory contents first, then hashes the memory contents while CRIU restores
-from them. A CRIU action script, passed through ``CRIU_CONFIG_FILE`` (which
-``lxc-checkpoint``'s criu honours, PLATFORM.md), waits at ``post-restore``:
+from them. A CRIU action script (an option the LXC adapter merges into the
+``CRIU_CONFIG_FILE`` that ``lxc-checkpoint``'s criu honours, PLATFORM.md) waits at ``post-restore``:
 the restored processes' memory is loaded but none of their code has run. (A
 failing ``pre-resume`` script is only logged; a failing ``post-restore`` one
 makes CRIU kill the restored tree.) The script succeeds only once evictor has
@@ -13,7 +13,7 @@ fails it, and the container stays STOPPED with its image intact.
 
 The script polls for the verdict file every 10 ms and checks that evictor is
 still alive: a FIFO would block forever for a writer that was killed before
-it opened it. The script and config are fixed text; the paths and evictor's
+it opened it. The script is fixed text; the paths and evictor's
 pid reach the script through the environment, never in a shell string.
 """
 
@@ -63,16 +63,17 @@ class RestoreGate:
         script = self.directory / "post-restore.sh"
         script.write_text(GATE_SCRIPT)
         script.chmod(0o700)
-        config = self.directory / "criu.conf"
-        config.write_text(f"action-script {script}\n")
-        config.chmod(0o600)
         return self
+
+    @property
+    def criu_options(self) -> tuple[str, ...]:
+        """CRIU options (config-file lines) that install the gate."""
+        return (f"action-script {self.directory / 'post-restore.sh'}",)
 
     @property
     def environment(self) -> dict[str, str]:
         """Variables to add to the restoring tool's environment."""
         return {
-            "CRIU_CONFIG_FILE": str(self.directory / "criu.conf"),
             "EVICTOR_GATE_DIR": str(self.directory),
             "EVICTOR_GATE_PID": str(self.owner_pid),
             "EVICTOR_GATE_POLLS": str(max(1, round(self.timeout_seconds / POLL_SECONDS))),

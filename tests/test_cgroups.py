@@ -10,6 +10,7 @@ import pytest
 from evictor.cgroups import (
     CgroupVersion,
     MemoryCgroup,
+    container_path,
     memory_cgroup_of,
     parse_pressure,
     parse_proc_cgroup,
@@ -142,3 +143,18 @@ def test_this_machine_layout_is_understood() -> None:
     )
     assert found is not None and found.path.is_dir()
     assert read_memory_stats(found).usage_bytes > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/lxc.payload.web/init.scope", "/lxc.payload.web"),  # systemd moved itself down
+        ("/lxc.payload.web", "/lxc.payload.web"),
+        ("/lxc.payload.web/system.slice/redis.service", "/lxc.payload.web"),
+        ("/lxc/web/init.scope", "/lxc/web"),  # LXC before 4
+        ("/lxc.payload.webby/init.scope", "/lxc.payload.webby/init.scope"),  # another container
+        ("/user.slice", "/user.slice"),
+    ],
+)
+def test_a_container_s_memory_is_its_whole_cgroup(path: str, expected: str) -> None:
+    assert container_path(path, "web") == expected

@@ -22,9 +22,23 @@ def test_log_errors_of_a_successful_restore_is_empty(fixtures: Path) -> None:
     assert criu.log_errors((fixtures / "criu/restore-ok.log").read_text()) == ()
 
 
-def test_log_errors_keeps_the_last_lines() -> None:
-    text = "\n".join(f"Error (x.c:{n}): reason {n}" for n in range(5)) + "\nWarn (y): w\n"
-    assert criu.log_errors(text, most=2) == ("Error (x.c:3): reason 3", "Error (x.c:4): reason 4")
+def test_log_errors_puts_the_root_cause_first() -> None:
+    """CRIU's first error explains; the last is often a consequence (issue 11: a
+    failed veth restore ended with "cg: cgroupd: recv req error: File exists")."""
+    text = "\n".join(
+        [
+            "(00.004512) Warn  (criu/kerndat.c:1): something harmless",
+            "(00.019870) Error (criu/libnetlink.c:54): -95 reported by netlink: Operation not"
+            " supported",
+            "(00.019901)      1: Error (criu/net.c:1): net: couldn't restore veth interface eth0",
+            "(00.020544) Error (criu/cgroup.c:1): cg: cgroupd: recv req error: File exists",
+            "(00.020600) Error (criu/cr-restore.c:1): Restoring FAILED.",
+        ]
+    )
+    assert criu.log_errors(text, most=2) == (
+        "Error (criu/libnetlink.c:54): -95 reported by netlink: Operation not supported",
+        "Error (criu/net.c:1): net: couldn't restore veth interface eth0",
+    )
 
 
 def test_dump_stats_from_a_real_dump(fixtures: Path) -> None:
@@ -94,9 +108,10 @@ def test_a_missing_criu_is_a_preflight_error(tmp_path: Path) -> None:
         (("Error (criu/tty.c:410): tty: Found slave peer index 0",), True),
         (("Error (criu/files.c:1): Can't dump file 7 of that type",), True),
         (("Error (criu/image.c:1): Unable to write: No space left on device",), False),
+        (("Error (criu/sk-netlink.c:77): netlink: The socket has data to read",), False),
         ((), False),  # CRIU killed or timed out: it logged no reason
     ],
-    ids=["tty", "unsupported fd", "disk full", "no reason"],
+    ids=["tty", "unsupported fd", "disk full", "netlink data", "no reason"],
 )
 def test_only_a_cause_in_the_container_persists(lines: tuple[str, ...], persists: bool) -> None:
     assert criu.cause_persists(lines) is persists

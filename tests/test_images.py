@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from evictor.criu import DumpStats
 from evictor.errors import CorruptImage, ImageError, LockBusy, NoImage, UsageError
 from evictor.images import ImageState, ImageStore
 from evictor.manifest import MANIFEST_NAME, Manifest
+from evictor.model import IdMap
 
 NAME = "c1"
 
@@ -64,17 +66,45 @@ def test_a_committed_image_verifies(store: ImageStore, committed: Manifest) -> N
 
 
 def test_everything_is_root_only(store: ImageStore, committed: Manifest) -> None:
-    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    # Others may pass through the store root (to an unprivileged container's image), not list it.
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o711
     assert stat.S_IMODE(store.path(NAME).stat().st_mode) == 0o700
     modes = {stat.S_IMODE(p.stat().st_mode) for p in store.path(NAME).iterdir()}
     assert modes == {0o600}
+
+
+def test_an_unprivileged_container_s_root_and_nobody_else_reads_its_image(
+    store: ImageStore, committed: Manifest
+) -> None:
+    store.share_with(NAME, IdMap(root_uid=100000, root_gid=100000))
+    directory = store.path(NAME)
+    assert (directory.stat().st_uid, directory.stat().st_gid) == (0, 100000)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o750
+    for path in directory.iterdir():
+        assert (path.stat().st_uid, path.stat().st_gid, stat.S_IMODE(path.stat().st_mode)) == (
+            0,
+            100000,
+            0o640,
+        )
+    assert verify(store) == committed  # still whole
+
+
+def test_a_store_an_unprivileged_root_cannot_reach_is_named() -> None:
+    idmap = IdMap(root_uid=100000, root_gid=100000)
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as top:  # made 0700, in a 1777 /var/tmp
+        store = ImageStore(Path(top) / "state" / "images")
+        assert store.unreachable_by(idmap) == Path(top)
+        os.chmod(top, 0o711)
+        assert store.unreachable_by(idmap) is None
+        store.ensure()
+        assert store.unreachable_by(idmap) is None
 
 
 def test_a_loose_store_root_is_tightened(store: ImageStore) -> None:
     store.root.mkdir(mode=0o755)
     os.chmod(store.root, 0o777)
     store.ensure()
-    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o711
 
 
 def flip_byte(path: Path) -> None:

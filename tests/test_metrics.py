@@ -3,10 +3,20 @@ histograms the engine's outcomes; failure series start at 0."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from evictor.engine import Assessment, Outcome
 from evictor.errors import CheckpointFailed, CorruptImage, Phase
 from evictor.metrics import Metrics
-from evictor.model import ContainerSample, ContainerState, HostSample, Pressure, Priority
+from evictor.model import (
+    CheckVerdict,
+    ContainerSample,
+    ContainerState,
+    History,
+    HostSample,
+    Pressure,
+    Priority,
+)
 from evictor.monitor import Sample
 from evictor.ranking import Action, Plan, TriggerKind
 
@@ -47,7 +57,11 @@ def snapshot(*names: str) -> Assessment:
             notes=(),
         ),
         priorities={"a": Priority(value=1, protected=False, source="default")},
-        histories={},
+        histories={
+            "a": History(
+                check=CheckVerdict(checkpointable=True, problems=(), at=1.0, config_digest=None)
+            )
+        },
         managed={},
         standing={},
         store_size_bytes=10,
@@ -125,3 +139,26 @@ def test_outcomes_are_counted_and_timed() -> None:
     assert value("evictor_restore_duration_seconds_count") == 0
     assert value("evictor_errors_total", {"kind": "CheckpointFailed"}) == 1
     assert value("evictor_errors_total", {"kind": "CorruptImage"}) == 1
+
+
+def test_checkpointability_is_exported_while_the_verdict_is_current() -> None:
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    assessment = snapshot("c", "d")
+    containers = tuple(
+        dataclasses.replace(c, config_digest="v2") for c in assessment.sample.containers
+    )
+    verdicts = {
+        "c": CheckVerdict(checkpointable=False, problems=("tty: ...",), at=1.0, config_digest="v2"),
+        "d": CheckVerdict(checkpointable=True, problems=(), at=1.0, config_digest="v1"),  # stale
+    }
+    metrics.update(
+        dataclasses.replace(
+            assessment,
+            sample=dataclasses.replace(assessment.sample, containers=containers),
+            histories={name: History(check=verdict) for name, verdict in verdicts.items()},
+        )
+    )
+    assert value("evictor_container_checkpointable", {"container": "c"}) == 0
+    assert value("evictor_container_checkpointable", {"container": "d"}) is None
+    assert value("evictor_container_checkpointable", {"container": "a"}) is None  # unchecked

@@ -1,4 +1,5 @@
-"""``evictor demo``: the daemon at work on built-in containers.
+"""``evictor demo``: the daemon at work on built-in containers; ``--stock``: a stock
+systemd container checked, prepared, evicted and restored.
 
 Four containers of different priorities fit a memory budget; a spike container
 starts and the budget is outgrown, so the daemon evicts the lowest-priority
@@ -25,7 +26,7 @@ from evictor.errors import EvictorError
 from evictor.lxc_runtime import LxcRuntime
 from evictor.metrics import Metrics
 from evictor.model import ContainerSample, ContainerState
-from evictor.tools import testbed
+from evictor.tools import stock, testbed
 from evictor.units import format_bytes
 
 MIB = 1 << 20
@@ -105,15 +106,26 @@ def _all(
     return all(condition(c) for c in engine.sample().containers if c.name in names)
 
 
+def _fresh_scene(config: Config) -> LxcRuntime:
+    """An empty LXC path for the demo (whatever an interrupted demo left, removed), and
+    the runtime that sets the scene up in it: creating, starting, stopping."""
+    runtime = LxcRuntime(config.lxc_path)
+    _clear_scene(runtime, config.state_dir)
+    config.lxc_path.mkdir(parents=True)
+    return runtime
+
+
+def _clear_scene(runtime: LxcRuntime, demo_dir: Path) -> None:
+    for name in runtime.names():
+        runtime.destroy(name)
+    shutil.rmtree(demo_dir, ignore_errors=True)
+
+
 def run(*, state_dir: Path, once: bool, port: int) -> int:
     demo_dir = state_dir / "demo"
     config = _config(demo_dir, port)
     engine = Engine(config)
-    runtime = LxcRuntime(config.lxc_path)  # to set the scene up: creating, starting, stopping
-    for name in runtime.names():  # left behind by an interrupted demo
-        runtime.destroy(name)
-    shutil.rmtree(demo_dir, ignore_errors=True)
-    runtime.lxc_path.mkdir(parents=True, mode=0o700)
+    runtime = _fresh_scene(config)
     logging.getLogger("evictor").setLevel(logging.INFO)
     daemon = Daemon(engine, Metrics())
     try:
@@ -182,7 +194,82 @@ def run(*, state_dir: Path, once: bool, port: int) -> int:
         return 130
     finally:
         daemon.stop()
-        for name in runtime.names():
-            runtime.destroy(name)
-        shutil.rmtree(demo_dir, ignore_errors=True)
+        _clear_scene(runtime, demo_dir)
         _say("demo containers removed")
+
+
+STOCK_NAME = "evictor-demo-stock"
+STOCK_KEYS = 10_000
+
+
+def run_stock(*, state_dir: Path, release: str = "trixie") -> int:
+    """A stock Debian systemd container, as ``lxc-create -t debian`` makes it (ttys, a
+    console, an AppArmor profile), unprivileged, with redis and a veth NIC on lxcbr0
+    (DHCP): evictor checks it, prepares it, then evicts and restores it twice while
+    one TCP connection to its redis stays open."""
+    demo_dir = state_dir / "demo-stock"
+    config = Config(lxc_path=demo_dir / "lxc", state_dir=demo_dir)
+    runtime = _fresh_scene(config)
+    engine = Engine(config)
+    lxc_path = config.lxc_path
+    try:
+        _say(f"a stock Debian {release} container (built on the first run, about a minute)")
+        stock.create_debian_container(
+            lxc_path,
+            STOCK_NAME,
+            release=release,
+            unprivileged=True,
+            network=stock.Network.dhcp(),
+            progress=_say,
+        )
+        _say(f"booting it: {stock.start_and_wait(lxc_path, STOCK_NAME)}")
+        report = engine.check(STOCK_NAME)
+        _say(f"evictor check: {len(report.findings)} reasons it cannot be checkpointed as it is:")
+        for finding in report.findings:
+            print(f"           {finding.code}: {finding.remedy}", flush=True)
+        prepared = engine.prepare(STOCK_NAME, restart=True)
+        _say(
+            f"evictor prepare --restart: {len(prepared.diff.splitlines())} lines of diff to its"
+            f" config, {len(prepared.files_added)} files in its rootfs, CRIU options"
+            f" {', '.join(prepared.criu_options)}; restarted"
+        )
+        stock.wait_for_boot(lxc_path, STOCK_NAME)
+        trial = engine.check(STOCK_NAME, trial=True)
+        if not trial.checkpointable:
+            raise EvictorError(f"demo: still not checkpointable: {'; '.join(trial.problems)}")
+        _say("evictor check --trial: checkpointable (a real dump, the container left running)")
+        address = stock.wait_for_ipv4(lxc_path, STOCK_NAME)
+        stock.wait_for_redis(lxc_path, STOCK_NAME, address=address)
+        stock.fill_redis(lxc_path, STOCK_NAME, STOCK_KEYS, address=address)
+        _say(f"redis at {address} holds {STOCK_KEYS} keys; a TCP connection to it stays open")
+        with stock.HeldConnection(address, stock.REDIS_PORT) as held:
+            for cycle in (1, 2):
+                evicted = engine.evict(STOCK_NAME, reason="demo")
+                if evicted.error is not None:
+                    raise evicted.error
+                _say(
+                    f"evicted: {format_bytes(evicted.memory_bytes)} in use, image"
+                    f" {format_bytes(evicted.image_bytes)}, {evicted.duration_seconds:.2f} s"
+                )
+                restored = engine.restore(STOCK_NAME, reason="demo")
+                if restored.error is not None:
+                    raise restored.error
+                intact = not stock.redis_key_mismatches(
+                    lxc_path, STOCK_NAME, STOCK_KEYS, address=address
+                )
+                same_socket = held.redis("DBSIZE")
+                _say(
+                    f"restored in {restored.duration_seconds:.2f} s (cycle {cycle}): keys intact"
+                    f" {intact}, the open connection answers DBSIZE {same_socket}, systemd"
+                    f" {stock.system_state(lxc_path, STOCK_NAME)}"
+                )
+                if not intact:
+                    return 1
+        return 0
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    finally:
+        engine.close()
+        _clear_scene(runtime, demo_dir)
+        _say("demo container removed")

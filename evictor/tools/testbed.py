@@ -4,7 +4,10 @@ Each is a bare busybox rootfs whose own init starts ``memhog`` (see
 workload/memhog.c): it holds a chosen amount of memory filled with a verifiable
 pattern and reports a counter in ``/var/memhog.status``. The config follows
 PLATFORM.md: no ttys or console, no AppArmor key, no bind mounts of the host,
-an empty network namespace.
+an empty network namespace by default. On request a container gets a veth NIC
+on lxcbr0 (a static address LXC sets, or DHCP through busybox udhcpc) and then
+a TCP echo server on port 7000, and it can be unprivileged (an id map, its
+rootfs owned by the mapped ids). Stock Debian containers are in ``stock``.
 """
 
 from __future__ import annotations
@@ -15,16 +18,39 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evictor.errors import EvictorError
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import validate_container_name
 
+if TYPE_CHECKING:
+    from evictor.tools.stock import Network
+
 BUSYBOX = Path("/bin/busybox")
 STATUS_PATH = "var/memhog.status"
 DEFAULT_CACHE_DIR = Path("/var/cache/evictor")
+ECHO_PORT = 7000
+# The id map of an unprivileged container: root's range in /etc/subuid and /etc/subgid.
+MAPPED_ROOT_ID = 100000
+MAPPED_ID_COUNT = 65536
+# busybox udhcpc's hook: configures eth0 from the lease (applets called through
+# /bin/busybox: the rootfs has no applet links but /bin/sh).
+_UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+deconfig) /bin/busybox ifconfig "$interface" 0.0.0.0 up ;;
+bound|renew)
+    /bin/busybox ifconfig "$interface" "$ip" netmask "$subnet" up
+    if [ -n "$router" ]; then
+        /bin/busybox route del default 2>/dev/null
+        /bin/busybox route add default gw "${router%% *}"
+    fi ;;
+esac
+exit 0
+"""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,11 +87,18 @@ def memhog_binary(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     return binary
 
 
-def _container_config(name: str, rootfs: Path, *, with_tty: bool) -> str:
+def _container_config(
+    name: str,
+    rootfs: Path,
+    *,
+    with_tty: bool,
+    nic_lines: Sequence[str] = ("lxc.net.0.type = empty",),
+    id_map_lines: Sequence[str] = (),
+) -> str:
     lines = [
         f"lxc.uts.name = {name}",
         f"lxc.rootfs.path = dir:{rootfs}",
-        "lxc.net.0.type = empty",
+        *nic_lines,
         "lxc.autodev = 1",
         "lxc.mount.auto = proc:mixed sys:ro cgroup:mixed",
         "lxc.signal.halt = SIGUSR1",
@@ -77,6 +110,7 @@ def _container_config(name: str, rootfs: Path, *, with_tty: bool) -> str:
         lines += ["lxc.tty.max = 1", "lxc.pty.max = 1"]
     else:
         lines += ["lxc.tty.max = 0", "lxc.pty.max = 0", "lxc.console.path = none"]
+    lines += id_map_lines
     return "\n".join(lines) + "\n"
 
 
@@ -89,9 +123,16 @@ def create_workload_container(
     with_tty: bool = False,
     compressible: bool = False,
     cache_dir: Path = DEFAULT_CACHE_DIR,
+    network: Network | None = None,
+    unprivileged: bool = False,
 ) -> None:
     """Define (not start) a container whose init runs memhog holding ``memory_mib`` MiB
-    (of incompressible memory, unless ``compressible``)."""
+    (of incompressible memory, unless ``compressible``).
+
+    With a ``network`` that has a NIC, init also runs a TCP echo server on port
+    7000 (and, for DHCP, busybox udhcpc). ``unprivileged`` maps the container's
+    ids to 100000-165535 and hands its rootfs to the mapped root.
+    """
     validate_container_name(name)
     container_dir = runtime.lxc_path / name
     rootfs = container_dir / "rootfs"
@@ -105,9 +146,62 @@ def create_workload_container(
     inittab = [f"::once:{memhog} compressible" if compressible else f"::once:{memhog}"]
     if with_tty:
         inittab.append("tty1::respawn:/bin/sh")
+    nic_lines: Sequence[str] = ("lxc.net.0.type = empty",)
+    if network is not None and network.has_nic:
+        from evictor.tools import stock  # imported here: stock imports this module
+
+        nic_lines = stock.nic_config_lines(name, network)
+        # -ll: nc keeps listening and serves each connection with its own cat.
+        inittab.append(f"::respawn:/bin/busybox nc -ll -p {ECHO_PORT} -e /bin/busybox cat")
+        if network.kind == "dhcp":
+            (rootfs / "etc/udhcpc.sh").write_text(_UDHCPC_SCRIPT)
+            os.chmod(rootfs / "etc/udhcpc.sh", 0o755)
+            # -f: stays in the foreground, a child of init, renewing the lease.
+            inittab.append("::once:/bin/busybox udhcpc -i eth0 -s /etc/udhcpc.sh -f -S")
     (rootfs / "etc/inittab").write_text("\n".join(inittab) + "\n")
     (rootfs / "etc/fstab").touch()
-    (container_dir / "config").write_text(_container_config(name, rootfs, with_tty=with_tty))
+    id_map_lines: list[str] = []
+    if unprivileged:
+        ensure_traversable(runtime.lxc_path)
+        os.chmod(container_dir, 0o755)  # the mapped root walks into its rootfs
+        _chown_tree(rootfs, MAPPED_ROOT_ID)
+        id_map_lines = id_map_config_lines()
+    (container_dir / "config").write_text(
+        _container_config(
+            name, rootfs, with_tty=with_tty, nic_lines=nic_lines, id_map_lines=id_map_lines
+        )
+    )
+
+
+def id_map_config_lines() -> list[str]:
+    """An unprivileged container's ``lxc.idmap`` lines."""
+    return [
+        f"lxc.idmap = u 0 {MAPPED_ROOT_ID} {MAPPED_ID_COUNT}",
+        f"lxc.idmap = g 0 {MAPPED_ROOT_ID} {MAPPED_ID_COUNT}",
+    ]
+
+
+def ensure_traversable(lxc_path: Path) -> None:
+    """Make ``lxc_path`` searchable by others (adding only ``x``, as 0711 does) and
+    check that its ancestors are: LXC sets an unprivileged container's rootfs up as
+    its mapped root, which has no rights over host root's private directories."""
+    mode = lxc_path.stat().st_mode
+    if mode & 0o001 == 0:
+        os.chmod(lxc_path, (mode & 0o7777) | 0o011)
+    for ancestor in lxc_path.resolve().parents:
+        if ancestor.stat().st_mode & 0o001 == 0:
+            raise EvictorError(
+                f"{ancestor} is not searchable by others: an unprivileged container's"
+                f" root (host uid {MAPPED_ROOT_ID}) cannot reach {lxc_path} through it"
+            )
+
+
+def _chown_tree(root: Path, owner: int) -> None:
+    """Hand a tree to ``owner`` (uid and gid), symlinks themselves included."""
+    os.lchown(root, owner, owner)
+    for directory, subdirectories, files in os.walk(root):
+        for entry in (*subdirectories, *files):
+            os.lchown(os.path.join(directory, entry), owner, owner)
 
 
 def parse_status(line: str) -> WorkloadStatus:

@@ -32,7 +32,7 @@ from evictor.criu import check_criu
 from evictor.images import ImageStore
 from evictor.journal import Journal
 from evictor.lxc_runtime import LxcRuntime
-from evictor.tools import testbed
+from evictor.tools import stock, testbed
 
 T = TypeVar("T")
 TEST_ROOT = Path(os.environ.get("EVICTOR_TEST_ROOT", "/var/tmp/evictor-tests"))
@@ -87,11 +87,26 @@ def workload(runtime: LxcRuntime) -> Iterator[WorkloadFactory]:
     """Create and start workload containers; every one is destroyed afterwards."""
     created: list[str] = []
 
-    def make(memory_mib: int = 16, *, with_tty: bool = False, start: bool = True) -> str:
+    def make(
+        memory_mib: int = 16,
+        *,
+        with_tty: bool = False,
+        start: bool = True,
+        network: stock.Network | None = None,
+        unprivileged: bool = False,
+    ) -> str:
         name = f"evt-{os.getpid()}-{next(_names)}"
         created.append(name)
+        if network is not None and network.has_nic:
+            require_bridge()
         testbed.create_workload_container(
-            runtime, name, memory_mib=memory_mib, seed=len(created), with_tty=with_tty
+            runtime,
+            name,
+            memory_mib=memory_mib,
+            seed=len(created),
+            with_tty=with_tty,
+            network=network,
+            unprivileged=unprivileged,
         )
         if start:
             runtime.start(name)
@@ -101,6 +116,66 @@ def workload(runtime: LxcRuntime) -> Iterator[WorkloadFactory]:
     yield make
     for name in set(created) & set(runtime.names()):
         runtime.destroy(name)
+
+
+StockFactory = Callable[..., str]
+
+
+@pytest.fixture
+def stock_container(test_lxc_path: Path) -> Iterator[StockFactory]:
+    """Create (and by default boot) stock Debian containers (evictor.tools.stock);
+    every one is destroyed afterwards."""
+    runtime = LxcRuntime(test_lxc_path)
+    created: list[str] = []
+
+    def make(
+        release: str = "trixie",
+        *,
+        unprivileged: bool = True,
+        network: stock.Network = stock.NO_NETWORK,
+        start: bool = True,
+    ) -> str:
+        name = f"evt-{os.getpid()}-{next(_names)}"
+        created.append(name)
+        if network.has_nic:
+            require_bridge()
+        stock.create_debian_container(
+            test_lxc_path, name, release=release, unprivileged=unprivileged, network=network
+        )
+        if start:
+            stock.start_and_wait(test_lxc_path, name)
+        return name
+
+    yield make
+    for name in set(created) & set(runtime.names()):
+        runtime.destroy(name)
+
+
+def require_bridge() -> None:
+    """Fail (never skip) when lxcbr0, which containers with a NIC need, is missing."""
+    if not Path("/sys/class/net", stock.BRIDGE).exists():
+        pytest.fail(f"{stock.BRIDGE} is missing: run scripts/setup.sh (it starts lxc-net)")
+
+
+# Static test addresses: 10.0.3.2-10.0.3.99 (lxc-net's DHCP range, as
+# scripts/setup.sh sets it, starts at .100). Each is handed out once per run,
+# starting from an offset drawn from the PID so that two runs at once rarely meet.
+_STATIC_HOSTS = range(2, 100)
+_static_count = itertools.count()
+
+
+def next_static_address() -> str:
+    """A static address on lxcbr0 no other container of this run has."""
+    n = next(_static_count)
+    if n >= len(_STATIC_HOSTS):
+        pytest.fail(f"more than {len(_STATIC_HOSTS)} static test addresses asked for")
+    return f"10.0.3.{_STATIC_HOSTS[(os.getpid() + n) % len(_STATIC_HOSTS)]}"
+
+
+@pytest.fixture
+def static_address() -> Callable[[], str]:
+    """Hands out static addresses for containers, unique within the run."""
+    return next_static_address
 
 
 def wait_until(condition: Callable[[], T | None], what: str, timeout_seconds: float = 90.0) -> T:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -327,6 +329,25 @@ def test_the_demo_runs_its_scenario_and_cleans_up(tmp_path: Path, test_lxc_path:
     )
     assert output.index("restored evictor-demo-batch") < output.index("restored evictor-demo-cache")
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_stock_demo_checks_prepares_evicts_and_restores(
+    tmp_path: Path, test_lxc_path: Path
+) -> None:
+    state_dir = test_lxc_path.parent / f"demo-stock-{os.getpid()}"  # reachable when unprivileged
+    result = run_evictor("--state-dir", str(state_dir), "demo", "--stock")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for line in (
+        "evictor check: 8 reasons it cannot be checkpointed as it is:",
+        "evictor check --trial: checkpointable",
+        "restored in",
+        "(cycle 2): keys intact True, the open connection answers DBSIZE 10000",
+        "demo container removed",
+    ):
+        assert line in output
+    assert not (state_dir / "demo-stock").exists()
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def test_the_lxc_pre_start_hook_makes_room(
