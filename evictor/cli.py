@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from evictor.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_METRICS_PORT,
+    Config,
     describe,
     load_config,
     parse_size_bytes,
@@ -433,7 +434,7 @@ def _cmd_run(args: argparse.Namespace, engine: Engine) -> int:
     config_path = args.config or DEFAULT_CONFIG_PATH
     if config_path.exists():
         check_private(config_path, "config file")
-    return Daemon(engine, Metrics()).run()
+    return Daemon(engine, Metrics(), load_config=lambda: _config(args)).run()
 
 
 def _cmd_make_room(args: argparse.Namespace, engine: Engine) -> int:
@@ -544,7 +545,8 @@ def _cmd_demo(args: argparse.Namespace, engine: Engine) -> int:
     return demo.run(state_dir=engine.config.state_dir, once=args.once, port=args.port)
 
 
-def _engine(args: argparse.Namespace) -> Engine:
+def _config(args: argparse.Namespace) -> Config:
+    """The config file the command line names (or the default), with its overrides."""
     path = args.path if args.command == "check-config" and args.path else args.config
     if args.command == "check-config" and path is None:
         path = DEFAULT_CONFIG_PATH
@@ -554,7 +556,7 @@ def _engine(args: argparse.Namespace) -> Engine:
         overrides["lxc_path"] = args.lxcpath.absolute()
     if args.state_dir is not None:
         overrides["state_dir"] = args.state_dir.absolute()
-    return Engine(dataclasses.replace(config, **overrides))
+    return dataclasses.replace(config, **overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -569,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.handler(args, _engine(args)))
+        return int(args.handler(args, Engine(_config(args))))
     except UsageError as error:
         _report(error)
         return EXIT_USAGE

@@ -269,6 +269,9 @@ class Triggers(Section):
     important_priority: int = setting(100, _integer)
     important_psi_some_avg10: float | None = setting(10.0, _optional(_percent))
     budget: Size | None = setting(None, _optional(_size))
+    # Evict before the low watermark when MemAvailable falls fast enough to cross it
+    # sooner than the evictions it would need can be made (ranking.py).
+    predictive: bool = setting(True, _boolean)
 
     def check(self) -> None:
         watermarks = (self.critical_watermark, self.low_watermark, self.high_watermark)
@@ -307,6 +310,9 @@ class FailureBackoff(Section):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvictPolicy(FailureBackoff):
     """A container whose checkpoint failed is left alone for the backoff."""
+
+    # Evictions of one round run this many at once (each dump is CRIU's own process).
+    parallel: int = setting(1, functools.partial(_integer, minimum=1, maximum=8))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,5 +1,9 @@
 """``evictor run``: sample, plan and act once per tick, under APScheduler.
 
+SIGHUP reloads the config (validated first; a bad one is refused and the
+running one kept); the journal is pruned of what the planner no longer needs
+at start and hourly.
+
 Ticks never overlap and never queue up: the job runs at most one instance at a
 time and missed runs coalesce into one, so a slow dump delays the next tick
 instead of stacking them. SIGTERM or SIGINT stops the daemon between two
@@ -8,21 +12,24 @@ actions: a checkpoint or restore under way completes (or rolls back) first.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import fcntl
 import logging
+import math
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from evictor.config import describe
+from evictor.config import Config, describe
 from evictor.engine import Engine
-from evictor.errors import LockBusy
+from evictor.errors import EvictorError, LockBusy, UsageError
 from evictor.metrics import Metrics
 from evictor.ranking import Action, Plan
 
@@ -37,12 +44,36 @@ class _SkippedTickFilter(logging.Filter):
         return "maximum number of running instances reached" not in record.getMessage()
 
 
+# The journal is pruned this often (and at start).
+PRUNE_INTERVAL_SECONDS = 3600.0
+# How soon a SIGHUP is acted on: the signal handler only asks.
+RELOAD_POLL_SECONDS = 0.2
+# Ticks of MemAvailable kept for its trend (the engine uses the last few seconds).
+RECENT_AVAILABLE_TICKS = 64
+
+
 class Daemon:
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    """``load_config`` gives the config anew, for a reload (SIGHUP); None: no reloads."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        load_config: Callable[[], Config] | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.load_config = load_config
         self.stopping = threading.Event()
+        self.reload_requested = threading.Event()
         self.last_pressure_at: float | None = None
+        self._pruned_at = -math.inf
+        # MemAvailable at the last ticks, (time, bytes), for its trend.
+        self._recent_available: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=RECENT_AVAILABLE_TICKS
+        )
+        # Held by a tick, and by a reload: the config never changes under a tick.
+        self._tick_lock = threading.Lock()
         self._scheduler: BackgroundScheduler | None = None
         self._server: WSGIServer | None = None
         self._lock_fd: int | None = None
@@ -80,7 +111,8 @@ class Daemon:
             return
         started = time.monotonic()
         try:
-            self._tick()
+            with self._tick_lock:
+                self._tick()
         except Exception:
             log.exception("tick failed")
             self.metrics.errors.labels(kind="tick").inc()
@@ -89,7 +121,16 @@ class Daemon:
 
     def _tick(self) -> None:
         now = time.time()
-        assessment = self.engine.assess(now=now, last_pressure_at=self.last_pressure_at)
+        if now - self._pruned_at >= PRUNE_INTERVAL_SECONDS:
+            self._pruned_at = now
+            if forgotten := self.engine.prune_journal(now=now):
+                log.info("journal: forgot %d events the planner no longer needs", forgotten)
+        assessment = self.engine.assess(
+            now=now,
+            last_pressure_at=self.last_pressure_at,
+            recent_available=tuple(self._recent_available),
+        )
+        self._recent_available.append((now, assessment.sample.host.available_bytes))
         if assessment.plan.pressure:
             self.last_pressure_at = now
         self.metrics.update(assessment)
@@ -136,16 +177,46 @@ class Daemon:
             self._server.shutdown()
         log.info("stopped")
 
+    def reload(self) -> bool:
+        """Load the config again and act on it from the next tick. A config that does
+        not validate, or that changes what only a restart can (the LXC path, the state
+        directory, the metrics listener), is refused in one logged line, and the
+        running config is kept."""
+        if self.load_config is None:
+            return False
+        old = self.engine.config
+        try:
+            new = self.load_config()
+            if new.metrics != old.metrics:
+                raise UsageError("metrics changed: restart evictor to apply it")
+            with self._tick_lock:
+                self.engine.reconfigure(new)
+        except EvictorError as error:
+            log.error("reload refused, the running config is kept: %s", error)
+            return False
+        if new.interval_seconds != old.interval_seconds and self._scheduler is not None:
+            self._scheduler.reschedule_job("tick", trigger="interval", seconds=new.interval_seconds)
+        log.info("reloaded: %s", describe(new))
+        return True
+
     def run(self) -> int:
-        """Run until SIGTERM or SIGINT; return the exit code."""
+        """Run until SIGTERM or SIGINT, reloading the config on SIGHUP; return the exit
+        code."""
 
         def request_stop(signum: int, frame: FrameType | None) -> None:
             log.info("%s received: stopping after the current action", signal.Signals(signum).name)
             self.stopping.set()
 
+        def request_reload(signum: int, frame: FrameType | None) -> None:
+            self.reload_requested.set()
+
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGHUP, request_reload)
         self.start()
-        self.stopping.wait()
+        while not self.stopping.wait(RELOAD_POLL_SECONDS):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
         self.stop()
         return 0

@@ -9,14 +9,16 @@ them touches an adapter.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import os
 import stat
+import statistics
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from evictor import checkpoint, criu, inspection, reconcile, restore
@@ -32,6 +34,7 @@ from evictor.model import (
     ContainerState,
     History,
     Label,
+    MemoryTrend,
     Priority,
     validate_container_name,
 )
@@ -42,6 +45,7 @@ from evictor.ranking import (
     Decision,
     Plan,
     TriggerKind,
+    available_slope,
     eligibility,
     plan,
     plan_make_room,
@@ -52,6 +56,11 @@ log = logging.getLogger(__name__)
 
 # Others may pass through the state directory, not list it (see ensure_state_dir).
 STATE_DIR_MODE = 0o711
+# MemAvailable's trend is its slope over this long (a few ticks).
+TREND_WINDOW_SECONDS = 3.0
+# What an eviction frees a second before any was seen: 1 GiB took 4-5 s under
+# pressure here (docs/benchmarks.md), about twice as long as without.
+DEFAULT_EVICTION_BYTES_PER_SECOND = 200 * (1 << 20)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -173,9 +182,24 @@ class Engine:
     def _histories(self, now: float) -> dict[str, History]:
         if not self._has_journal():
             return {}
-        c = self.config
-        horizon = max(c.antithrash.window_seconds, c.antithrash.max_cooldown_seconds)
-        return self._journal.histories(since=now - horizon)
+        return self._journal.histories(since=now - self._history_horizon_seconds())
+
+    def _trend(
+        self, now: float, available_bytes: int, recent: Sequence[tuple[float, int]]
+    ) -> MemoryTrend | None:
+        """MemAvailable's slope over the last TREND_WINDOW_SECONDS, and the eviction
+        throughput lately (the median of the last few; a cautious default at first)."""
+        samples = [(t, b) for t, b in recent if now - t <= TREND_WINDOW_SECONDS]
+        slope = available_slope([*samples, (now, available_bytes)])
+        if slope is None:
+            return None
+        rates = self._journal.eviction_rates(last=10) if self._has_journal() else []
+        return MemoryTrend(
+            available_bytes_per_second=slope,
+            eviction_bytes_per_second=(
+                statistics.median(rates) if rates else DEFAULT_EVICTION_BYTES_PER_SECOND
+            ),
+        )
 
     def _managed(self) -> dict[str, ManagedContainer]:
         return self._journal.managed() if self._has_journal() else {}
@@ -185,14 +209,22 @@ class Engine:
     def sample(self) -> Sample:
         return self._monitor.sample()
 
-    def assess(self, *, now: float, last_pressure_at: float | None) -> Assessment:
-        """Sample the host and plan; ``last_pressure_at`` is when a trigger last fired.
+    def assess(
+        self,
+        *,
+        now: float,
+        last_pressure_at: float | None,
+        recent_available: Sequence[tuple[float, int]] = (),
+    ) -> Assessment:
+        """Sample the host and plan; ``last_pressure_at`` is when a trigger last fired,
+        ``recent_available`` MemAvailable at the last ticks, (time, bytes), for the trend.
 
         Drained containers stay evicted whatever the room (until a restart or
         ``resume``). The journal is read once, for the plan and for whoever
         reports on it.
         """
         sample = self.sample()
+        trend = self._trend(now, sample.host.available_bytes, recent_available)
         priorities = self.priorities(c.name for c in sample.containers)
         histories = self._histories(now)
         managed = self._managed()
@@ -209,6 +241,7 @@ class Engine:
                 now=now,
                 last_pressure_at=last_pressure_at,
                 held=frozenset(name for name, m in managed.items() if m.drained),
+                trend=trend,
             ),
             priorities=priorities,
             histories=histories,
@@ -237,7 +270,12 @@ class Engine:
         validate_container_name(name)
         try:
             done = checkpoint.evict(
-                self._runtime, self._store, self._journal, name, reason=reason, drained=drained
+                self._runtime,
+                self._store,
+                self._journal,
+                name,
+                reason=reason,
+                drained=drained,
             )
         except UsageError:
             raise
@@ -326,6 +364,23 @@ class Engine:
             prepared = dataclasses.replace(prepared, restarted=True)
         return prepared
 
+    def reconfigure(self, config: Config) -> None:
+        """Act on ``config`` from now on (a reload); its LXC path and state directory
+        must be the ones the adapters were built for."""
+        for key in ("lxc_path", "state_dir"):
+            if getattr(config, key) != getattr(self.config, key):
+                raise UsageError(f"{key} changed: restart evictor to apply it")
+        self.config = config
+
+    def prune_journal(self, *, now: float) -> int:
+        """Forget the history the planner no longer needs; return how many events."""
+        return self._journal.prune(before=now - self._history_horizon_seconds())
+
+    def _history_horizon_seconds(self) -> float:
+        """How far back the planner reads evictions and restores (anti-thrash)."""
+        c = self.config
+        return max(c.antithrash.window_seconds, c.antithrash.max_cooldown_seconds)
+
     def _host_facts(self) -> HostFacts:
         return inspection.host_facts(proc_root=self._proc_root, cgroup_root=self._cgroup_root)
 
@@ -341,21 +396,40 @@ class Engine:
 
     def carry_out(self, plan: Plan, *, stopping: threading.Event) -> Iterator[Outcome]:
         """Carry out a plan, yielding each outcome as it happens; stop early when
-        ``stopping`` is set (an operation under way completes first).
+        ``stopping`` is set (operations under way complete first).
 
-        Evictions go in turn until the reclaim target is met: one that fails is
-        made up for by the next candidate, from the plan's standby list when its
-        own are used up.
+        Evictions go in turn, ``evict.parallel`` at once, until the reclaim target
+        is met: one that fails is made up for by the next candidate, from the
+        plan's standby list when its own are used up.
         """
         cause = plan.triggers[0].kind if plan.triggers else None
+        candidates = iter((*plan.evictions, *plan.standby))
         evicted_bytes = 0
-        for decision in (*plan.evictions, *plan.standby):
-            if evicted_bytes >= plan.reclaim_target_bytes or stopping.is_set():
-                return
-            outcome = self.evict(decision.container, cause=cause, reason=_why(plan, decision))
-            if outcome.succeeded:
-                evicted_bytes += decision.size_bytes
-            yield outcome
+        in_flight: dict[concurrent.futures.Future[Outcome], Decision] = {}
+        with concurrent.futures.ThreadPoolExecutor(self.config.evict.parallel) as pool:
+            while True:
+                planned = evicted_bytes + sum(d.size_bytes for d in in_flight.values())
+                while (
+                    len(in_flight) < self.config.evict.parallel
+                    and planned < plan.reclaim_target_bytes
+                    and not stopping.is_set()
+                    and (decision := next(candidates, None)) is not None
+                ):
+                    reason = _why(plan, decision)
+                    future = pool.submit(self.evict, decision.container, cause=cause, reason=reason)
+                    in_flight[future] = decision
+                    planned += decision.size_bytes
+                if not in_flight:
+                    break
+                done, _ = concurrent.futures.wait(
+                    in_flight, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in done:
+                    decision = in_flight.pop(future)
+                    outcome = future.result()
+                    if outcome.succeeded:
+                        evicted_bytes += decision.size_bytes
+                    yield outcome
         for decision in plan.restores:
             if stopping.is_set():
                 return

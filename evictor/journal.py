@@ -12,6 +12,7 @@ import enum
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ CREATE TABLE IF NOT EXISTS containers (
     drained INTEGER NOT NULL DEFAULT 0
 );
 """
+# The failures of a streak kept by prune: 2**31 times any backoff is past its cap.
+STREAK_KEPT = 32
 # Columns added since the first schema, with their definitions: added to a
 # journal written by an older evictor when it is opened.
 _ADDED_COLUMNS = {
@@ -98,6 +101,7 @@ class Journal:
         os.close(fd)
         os.chmod(path, 0o600)
         self.path = path
+        self._lock = threading.RLock()  # the connection serves the daemon's threads
         self._db = sqlite3.connect(
             path, timeout=10.0, isolation_level=None, check_same_thread=False
         )
@@ -114,18 +118,24 @@ class Journal:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, query: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query, read whole: one thread at a time uses the connection."""
+        with self._lock:
+            return self._db.execute(query, args).fetchall()
 
     # --- labels ---
 
     def labels(self) -> dict[str, Label]:
-        rows = self._db.execute("SELECT container, priority, protected FROM labels")
+        rows = self._read("SELECT container, priority, protected FROM labels")
         return {
             name: Label(priority=priority, protected=None if protected is None else bool(protected))
             for name, priority, protected in rows
@@ -177,10 +187,8 @@ class Journal:
 
     def state(self, container: str) -> Managed:
         """The container's recorded state; RUNNING if the journal never saw it."""
-        row = self._db.execute(
-            "SELECT state FROM containers WHERE container = ?", (container,)
-        ).fetchone()
-        return Managed.RUNNING if row is None else Managed(row[0])
+        rows = self._read("SELECT state FROM containers WHERE container = ?", (container,))
+        return Managed(rows[0][0]) if rows else Managed.RUNNING
 
     def set_drained(self, container: str, drained: bool) -> None:
         with self._transaction() as db:
@@ -189,9 +197,7 @@ class Journal:
             )
 
     def managed(self) -> dict[str, ManagedContainer]:
-        rows = self._db.execute(
-            "SELECT container, state, reason, updated_at, drained FROM containers"
-        )
+        rows = self._read("SELECT container, state, reason, updated_at, drained FROM containers")
         return {
             name: ManagedContainer(
                 container=name,
@@ -228,7 +234,16 @@ class Journal:
         if container is not None:
             query += " AND container = ?"
             args += (container,)
-        return [_event(row) for row in self._db.execute(query + " ORDER BY id", args)]
+        return [_event(row) for row in self._read(query + " ORDER BY id", args)]
+
+    def eviction_rates(self, *, last: int) -> list[float]:
+        """Bytes a second of the ``last`` evictions (image size over whole duration)."""
+        rows = self._read(
+            "SELECT size_bytes, duration_seconds FROM events WHERE kind = ?"
+            " AND size_bytes > 0 AND duration_seconds > 0 ORDER BY id DESC LIMIT ?",
+            (EventKind.EVICTED.value, last),
+        )
+        return [size / duration for size, duration in rows]
 
     def record_check(self, container: str, verdict: CheckVerdict) -> None:
         """Remember ``evictor check``'s verdict (the last one per container)."""
@@ -248,7 +263,7 @@ class Journal:
             )
 
     def checks(self) -> dict[str, CheckVerdict]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT container, at, checkpointable, problems, config_digest, trial FROM checks"
         )
         return {
@@ -262,12 +277,43 @@ class Journal:
             for name, at, checkpointable, problems, digest, trial in rows
         }
 
+    def prune(self, *, before: float, streak_kept: int = STREAK_KEPT) -> int:
+        """Forget events older than ``before`` that no History needs any more; return
+        how many. Kept whatever their age: each container's last event of each kind
+        (the last success delimits a failure streak) and the latest ``streak_kept``
+        failures of a streak since it (enough for any backoff to reach its cap)."""
+        failed_after_success = """
+            SELECT id FROM (
+                SELECT e.id, ROW_NUMBER() OVER (
+                    PARTITION BY e.container, e.kind ORDER BY e.id DESC) AS newest
+                FROM events AS e
+                WHERE e.kind = ? AND e.id > COALESCE(
+                    (SELECT MAX(id) FROM events WHERE kind = ? AND container = e.container), 0)
+            ) WHERE newest <= ?"""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM events WHERE at < ?"
+                " AND id NOT IN (SELECT MAX(id) FROM events GROUP BY container, kind)"
+                f" AND id NOT IN ({failed_after_success})"
+                f" AND id NOT IN ({failed_after_success})",
+                (
+                    before,
+                    EventKind.EVICT_FAILED.value,
+                    EventKind.EVICTED.value,
+                    streak_kept,
+                    EventKind.RESTORE_FAILED.value,
+                    EventKind.RESTORED.value,
+                    streak_kept,
+                ),
+            )
+            return cursor.rowcount
+
     def _failures_since_success(self, failed: EventKind, succeeded: EventKind) -> list[Event]:
         """Every ``failed`` event after its container's last ``succeeded`` one, oldest first:
         a streak of failures, however old, decides a backoff."""
         return [
             _event(row)
-            for row in self._db.execute(
+            for row in self._read(
                 f"SELECT {_EVENT_COLUMNS} FROM events AS e WHERE e.kind = ? AND e.id > COALESCE("
                 " (SELECT MAX(id) FROM events WHERE kind = ? AND container = e.container), 0)"
                 " ORDER BY e.id",

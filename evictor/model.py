@@ -194,3 +194,11 @@ class ContainerConfig:
     @property
     def unprivileged(self) -> bool:
         return self.idmap is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryTrend:
+    """Where MemAvailable is heading, and how fast evictions free memory lately."""
+
+    available_bytes_per_second: float  # MemAvailable's slope over the last seconds
+    eviction_bytes_per_second: float  # what recent evictions freed per second of their time

@@ -14,6 +14,10 @@ lately (an exponential backoff; at critical pressure only failures that may
 pass by themselves are retried early). The next candidates stand by: if an
 eviction fails, the round goes on with them until the target is met.
 
+The predictive trigger fires before the low watermark does, when MemAvailable
+falls fast enough to cross it sooner than the evictions it would then need can
+be made (from the observed eviction throughput); it reclaims the same.
+
 Restore: only when no trigger fires and none has for ``stable_seconds``; the
 evicted container of highest priority, and only when its recorded footprint
 fits under the high watermark (and the budget) with a margin. One at a time.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from evictor.config import (
     AntiThrash,
@@ -41,10 +45,13 @@ from evictor.model import (
     History,
     HostSample,
     Label,
+    MemoryTrend,
     Priority,
 )
 
 _MIB = 1 << 20
+# A slower fall is noise (other processes, the page cache), not a spike.
+MIN_FALL_BYTES_PER_SECOND = 32 * _MIB
 
 
 class Action(enum.Enum):
@@ -62,6 +69,7 @@ class Decision:
 
 
 class TriggerKind(enum.Enum):
+    PREDICTED = "predicted"  # MemAvailable falls fast enough to cross the low watermark soon
     LOW_WATERMARK = "low_watermark"
     HOST_PSI = "host_psi"
     IMPORTANT_PSI = "important_psi"
@@ -213,11 +221,52 @@ def eligibility(
     return "evictable"
 
 
+def available_slope(samples: Sequence[tuple[float, int]]) -> float | None:
+    """MemAvailable's slope in bytes a second, by least squares over ``samples`` of
+    (time, bytes); None with fewer than three, or all at one time."""
+    if len(samples) < 3:
+        return None
+    times = [t for t, _ in samples]
+    mean_time = sum(times) / len(times)
+    mean_bytes = sum(b for _, b in samples) / len(samples)
+    spread = sum((t - mean_time) ** 2 for t in times)
+    if spread == 0:
+        return None
+    return sum((t - mean_time) * (b - mean_bytes) for t, b in samples) / spread
+
+
+def predict(
+    available_bytes: int, low_bytes: int, need_bytes: int, trend: MemoryTrend
+) -> str | None:
+    """Why MemAvailable will cross the low watermark before the evictions it then needs
+    could be made, or None if it will not (it is flat or rising, or slow enough).
+
+    MemAvailable at the slope reaches the low watermark in T seconds; ``need_bytes``
+    take need / (eviction throughput) seconds to evict. Waiting until the low
+    watermark means evicting while the spike goes on: a spike faster than that
+    meets the OOM killer. So evictions start once T is the shorter.
+    """
+    falling = -trend.available_bytes_per_second
+    if falling < MIN_FALL_BYTES_PER_SECOND or available_bytes < low_bytes:
+        return None
+    seconds_to_low = (available_bytes - low_bytes) / falling
+    seconds_needed = need_bytes / trend.eviction_bytes_per_second
+    if seconds_to_low > seconds_needed:
+        return None
+    return (
+        f"MemAvailable {available_bytes // _MIB} MiB falls at {falling / _MIB:.0f} MiB/s:"
+        f" the low watermark ({low_bytes // _MIB} MiB) in {seconds_to_low:.1f} s, sooner than"
+        f" the {seconds_needed:.1f} s evicting {need_bytes // _MIB} MiB takes"
+        f" ({trend.eviction_bytes_per_second / _MIB:.0f} MiB/s lately)"
+    )
+
+
 def _triggers(
     host: HostSample,
     running: Iterable[ContainerSample],
     priorities: Mapping[str, Priority],
     config: Config,
+    trend: MemoryTrend | None,
 ) -> tuple[list[Trigger], int, set[str]]:
     """The firing triggers, the bytes to reclaim, and the important containers in need."""
     t = config.triggers
@@ -228,6 +277,11 @@ def _triggers(
     triggers: list[Trigger] = []
     need = 0
     low = t.low_watermark.resolve(total)
+    if t.predictive and trend is not None:
+        why = predict(host.available_bytes, low, watermark_need, trend)
+        if why is not None:
+            triggers.append(Trigger(TriggerKind.PREDICTED, why))
+            need = max(need, watermark_need)
     if host.available_bytes < low:
         triggers.append(
             Trigger(
@@ -295,16 +349,18 @@ def plan(
     now: float,
     last_pressure_at: float | None,
     held: frozenset[str] = frozenset(),
+    trend: MemoryTrend | None = None,
 ) -> Plan:
     """Decide what to evict or restore now.
 
     ``priorities`` must hold every container; ``histories`` may lack some (no
     history). ``last_pressure_at`` is when a trigger last fired, None if never.
     ``held`` containers stay evicted whatever the room (drained for a reboot).
+    ``trend``, where MemAvailable heads, drives the predictive trigger.
     """
     samples = list(containers)
     running = [s for s in samples if s.state is ContainerState.RUNNING]
-    triggers, need, in_need = _triggers(host, running, priorities, config)
+    triggers, need, in_need = _triggers(host, running, priorities, config, trend)
     critical = host.available_bytes < config.triggers.critical_watermark.resolve(host.total_bytes)
     notes: list[str] = []
     if triggers:

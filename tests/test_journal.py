@@ -12,6 +12,7 @@ from evictor.journal import Event, EventKind, Journal
 from evictor.model import CheckpointFailure
 
 NOW = 1_000_000.0
+LATER = 1_800_000_000.0
 
 
 @pytest.fixture
@@ -103,3 +104,25 @@ def test_a_journal_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> N
         )
     finally:
         journal.close()
+
+
+def test_pruning_keeps_what_the_planner_needs_and_stays_bounded(journal: Journal) -> None:
+    day = 86400.0  # (LATER: a time with months before it)
+    for n in range(5):  # evicted and restored daily, long ago
+        journal.record(Event(container="a", at=LATER - 90 * day + n * day, kind=EventKind.EVICTED))
+        journal.record(Event(container="a", at=LATER - 90 * day + n * day, kind=EventKind.RESTORED))
+    for n in range(40):  # then a streak of failures, for weeks
+        journal.record(failed("a", LATER - 60 * day + n * day))
+    journal.record(Event(container="b", at=LATER - 10, kind=EventKind.EVICTED))  # recent
+    before = journal.histories(since=LATER - 3600)
+    pruned = journal.prune(before=LATER - 3600)
+    assert pruned == 8 + 8  # 4 old evictions, 4 old restores; 8 failures beyond the 32 kept
+    kinds = [(e.container, e.kind) for e in journal.events()]
+    assert kinds.count(("a", EventKind.EVICTED)) == kinds.count(("a", EventKind.RESTORED)) == 1
+    assert kinds.count(("a", EventKind.EVICT_FAILED)) == 32
+    assert ("b", EventKind.EVICTED) in kinds
+    after = journal.histories(since=LATER - 3600)
+    assert after["b"] == before["b"]
+    failure = after["a"].checkpoint_failure
+    assert failure is not None and failure.count == 32 and failure.at == LATER - 21 * day
+    assert journal.prune(before=LATER - 3600) == 0  # nothing more to forget

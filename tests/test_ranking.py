@@ -17,12 +17,15 @@ from evictor.model import (
     History,
     HostSample,
     Label,
+    MemoryTrend,
     Pressure,
     Priority,
 )
 from evictor.ranking import (
     Action,
     Plan,
+    TriggerKind,
+    available_slope,
     checkpoint_retry_in,
     eligibility,
     eviction_cooldown_seconds,
@@ -527,3 +530,112 @@ def test_the_example_in_docs_configuration() -> None:
     )
     assert result.reclaim_target_bytes == int(64 * GIB * 0.2) - 6 * GIB
     assert evicted_names(result) == ["batch-1", "web-2"]
+
+
+# --- predictive eviction ------------------------------------------------------
+
+
+def test_the_slope_of_memavailable() -> None:
+    samples = [(NOW + t, 8 * GIB - int(t * 512 * MIB)) for t in (0.0, 0.5, 1.0, 1.5)]
+    assert available_slope(samples) == pytest.approx(-512 * MIB)
+    assert available_slope(samples[:2]) is None  # too few to tell a trend
+    assert available_slope([(NOW, 1), (NOW, 2), (NOW, 3)]) is None
+
+
+def falling(mib_per_second: float, eviction_mib_per_second: float = 200) -> MemoryTrend:
+    return MemoryTrend(
+        available_bytes_per_second=-mib_per_second * MIB,
+        eviction_bytes_per_second=eviction_mib_per_second * MIB,
+    )
+
+
+def test_a_fast_fall_evicts_before_the_low_watermark() -> None:
+    # 2000 MiB available, low watermark 1638 MiB: 362 MiB to go. At 512 MiB/s that is
+    # 0.7 s; evicting the 1276 MiB the high watermark asks takes 6.4 s at 200 MiB/s.
+    containers = [running("low", 1500), running("vip", 3000)]
+    priorities = {"vip": prio(100, protected=True)}
+    result = plan(
+        host=host(2000),
+        containers=containers,
+        priorities={"low": prio(0), **priorities},
+        histories={},
+        config=CONFIG,
+        now=NOW,
+        last_pressure_at=None,
+        trend=falling(512),
+    )
+    (trigger,) = result.triggers
+    assert trigger.kind is TriggerKind.PREDICTED
+    assert "falls at 512 MiB/s: the low watermark (1638 MiB) in 0.7 s" in trigger.message
+    assert result.reclaim_target_bytes == int(TOTAL * 0.2) - 2000 * MIB  # as the watermark's
+    assert evicted_names(result) == ["low"]
+
+
+@pytest.mark.parametrize(
+    ("trend", "fires"),
+    [
+        (falling(512), True),
+        (falling(16), False),  # noise, not a spike
+        (falling(512, eviction_mib_per_second=4000), False),  # evictions would keep up
+        (falling(-100), False),  # rising
+        (None, False),  # too few samples
+    ],
+)
+def test_when_the_prediction_fires(trend: MemoryTrend | None, fires: bool) -> None:
+    result = plan(
+        host=host(2000),
+        containers=[running("low", 1500)],
+        priorities={"low": prio(0)},
+        histories={},
+        config=CONFIG,
+        now=NOW,
+        last_pressure_at=None,
+        trend=trend,
+    )
+    assert result.pressure is fires
+    off = dataclasses.replace(
+        CONFIG, triggers=dataclasses.replace(CONFIG.triggers, predictive=False)
+    )
+    assert not plan(
+        host=host(2000),
+        containers=[running("low", 1500)],
+        priorities={"low": prio(0)},
+        histories={},
+        config=off,
+        now=NOW,
+        last_pressure_at=None,
+        trend=trend,
+    ).pressure
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scenarios(),
+    st.floats(min_value=-4096, max_value=4096),
+    st.floats(min_value=16, max_value=4096),
+)
+def test_prediction_invariants(scenario: Scenario, slope_mib: float, eviction_mib: float) -> None:
+    containers, priorities, histories, available, config, last_pressure = scenario
+    trend = MemoryTrend(
+        available_bytes_per_second=slope_mib * MIB, eviction_bytes_per_second=eviction_mib * MIB
+    )
+    result = plan(
+        host=host(available),
+        containers=containers,
+        priorities=priorities,
+        histories=histories,
+        config=config,
+        now=NOW,
+        last_pressure_at=last_pressure,
+        trend=trend,
+    )
+    kinds = {t.kind for t in result.triggers}
+    # Never on a flat or rising trend, nor below the low watermark (where it fires anyway).
+    if slope_mib >= 0 or available * MIB < config.triggers.low_watermark.resolve(TOTAL):
+        assert TriggerKind.PREDICTED not in kinds
+    # The same reclaim bounds as the low watermark; never a protected container.
+    if kinds == {TriggerKind.PREDICTED}:
+        t = config.triggers
+        high, floor = t.high_watermark.resolve(TOTAL), t.min_reclaim.resolve(TOTAL)
+        assert result.reclaim_target_bytes == max(high - available * MIB, floor)
+    assert not any(priorities[d.container].protected for d in result.evictions)

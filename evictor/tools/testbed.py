@@ -122,12 +122,14 @@ def create_workload_container(
     seed: int = 1,
     with_tty: bool = False,
     compressible: bool = False,
+    fill_rate_mib_per_second: int | None = None,
     cache_dir: Path = DEFAULT_CACHE_DIR,
     network: Network | None = None,
     unprivileged: bool = False,
 ) -> None:
     """Define (not start) a container whose init runs memhog holding ``memory_mib`` MiB
-    (of incompressible memory, unless ``compressible``).
+    (of incompressible memory, unless ``compressible``), filled at once or at
+    ``fill_rate_mib_per_second``.
 
     With a ``network`` that has a NIC, init also runs a TCP echo server on port
     7000 (and, for DHCP, busybox udhcpc). ``unprivileged`` maps the container's
@@ -143,7 +145,10 @@ def create_workload_container(
     os.link(rootfs / "bin/busybox", rootfs / "sbin/init")
     shutil.copy2(memhog_binary(cache_dir), rootfs / "bin/memhog")
     memhog = f"/bin/memhog {memory_mib} {seed} /{STATUS_PATH}"
-    inittab = [f"::once:{memhog} compressible" if compressible else f"::once:{memhog}"]
+    options = (["compressible"] if compressible else []) + (
+        [f"rate={fill_rate_mib_per_second}"] if fill_rate_mib_per_second else []
+    )
+    inittab = [" ".join(["::once:" + memhog, *options])]
     if with_tty:
         inittab.append("tty1::respawn:/bin/sh")
     nic_lines: Sequence[str] = ("lxc.net.0.type = empty",)

@@ -94,6 +94,7 @@ def workload(runtime: LxcRuntime) -> Iterator[WorkloadFactory]:
         start: bool = True,
         network: stock.Network | None = None,
         unprivileged: bool = False,
+        fill_rate_mib_per_second: int | None = None,
     ) -> str:
         name = f"evt-{os.getpid()}-{next(_names)}"
         created.append(name)
@@ -107,6 +108,7 @@ def workload(runtime: LxcRuntime) -> Iterator[WorkloadFactory]:
             with_tty=with_tty,
             network=network,
             unprivileged=unprivileged,
+            fill_rate_mib_per_second=fill_rate_mib_per_second,
         )
         if start:
             runtime.start(name)

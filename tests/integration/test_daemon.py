@@ -236,6 +236,39 @@ def test_a_container_that_cannot_be_checkpointed_gives_way_and_backs_off(
     assert runtime.state(tty) is ContainerState.RUNNING
 
 
+def test_sighup_reloads_the_config_and_a_bad_one_is_refused(
+    runtime: LxcRuntime,
+    workload: WorkloadFactory,
+    daemon: Callable[[Path], DaemonProcess],
+    tmp_path: Path,
+) -> None:
+    name = workload(memory_mib=32)
+    state, port = tmp_path / "state", free_port()
+    path = tmp_path / "evictor.toml"
+    write_config(path, runtime.lxc_path, state, port, triggers={"budget": "4GiB"})
+    running = daemon(path)
+    running.wait_for_log("running: a tick every")
+    assert running.process is not None
+    time.sleep(1)
+    assert runtime.state(name) is ContainerState.RUNNING  # no pressure under 4 GiB
+
+    write_config(path, runtime.lxc_path, state, port, triggers={"budget": "16MiB"})
+    running.process.send_signal(signal.SIGHUP)
+    running.wait_for_log("reloaded: ")
+    running.wait_for_log(f"evicted {name}")  # the new budget acts
+
+    path.write_text("[triggers]\nlow_watermark = '30%'\n")
+    running.process.send_signal(signal.SIGHUP)
+    running.wait_for_log(
+        "reload refused, the running config is kept: triggers.low_watermark: must be below"
+    )
+    write_config(path, tmp_path / "elsewhere", state, port)
+    running.process.send_signal(signal.SIGHUP)
+    running.wait_for_log("reload refused, the running config is kept: lxc_path changed")
+    assert running.process.poll() is None  # still running, on the config it had
+    assert running.stop() == 0
+
+
 def test_make_room_evicts_lower_priority_containers(
     runtime: LxcRuntime, workload: WorkloadFactory, tmp_path: Path
 ) -> None:

@@ -14,11 +14,15 @@
  * counter goes on; one that was restarted draws a new incarnation and counts
  * from zero.  Linked statically so that it runs in a bare busybox rootfs.
  *
- * With "compressible" as a fourth argument, each word keeps 16 bits of the
- * pattern (a nibble in each of its low four bytes): memory that zstd shrinks
- * about 3x, for the compression benchmark; the default is incompressible.
+ * Options after STATUS_FILE, in any order:
+ *   compressible   each word keeps 16 bits of the pattern (a nibble in each of
+ *                  its low four bytes): memory that zstd shrinks about 3x, for
+ *                  the compression benchmark; the default is incompressible;
+ *   rate=MIB       fill the memory at MIB mebibytes a second (a spike of a given
+ *                  speed, for the pressure tests); the default is at once.
+ * The status file is first written once the memory is filled.
  *
- * usage: memhog MIB SEED STATUS_FILE [compressible]
+ * usage: memhog MIB SEED STATUS_FILE [compressible] [rate=MIB]
  */
 #include <fcntl.h>
 #include <stdint.h>
@@ -72,12 +76,26 @@ static void write_status(const char *path, const char *line)
         rename(tmp, path);
 }
 
+static double seconds_now(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+}
+
 int main(int argc, char **argv)
 {
-    if (argc == 5 && strcmp(argv[4], "compressible") == 0) {
-        pattern_mask = 0x000000000F0F0F0FULL;
-    } else if (argc != 4) {
-        fprintf(stderr, "usage: memhog MIB SEED STATUS_FILE [compressible]\n");
+    uint64_t rate_mib = 0;
+    for (int i = 4; i < argc; i++) {
+        if (strcmp(argv[i], "compressible") == 0)
+            pattern_mask = 0x000000000F0F0F0FULL;
+        else if (strncmp(argv[i], "rate=", 5) == 0 && strtoull(argv[i] + 5, NULL, 10) > 0)
+            rate_mib = strtoull(argv[i] + 5, NULL, 10);
+        else
+            argc = 0;
+    }
+    if (argc < 4) {
+        fprintf(stderr, "usage: memhog MIB SEED STATUS_FILE [compressible] [rate=MIB]\n");
         return 2;
     }
     uint64_t mib = strtoull(argv[1], NULL, 10);
@@ -93,8 +111,18 @@ int main(int argc, char **argv)
             perror("mmap");
             return 1;
         }
-        for (size_t i = 0; i < words; i++)
+        /* With a rate, a mebibyte at a time, each when its time has come. */
+        const size_t words_per_mib = (1u << 20) / sizeof(uint64_t);
+        double started = seconds_now();
+        for (size_t i = 0; i < words; i++) {
+            if (rate_mib > 0 && i % words_per_mib == 0) {
+                double due = started + (double)(i / words_per_mib) / (double)rate_mib;
+                double wait = due - seconds_now();
+                if (wait > 0)
+                    usleep((useconds_t)(wait * 1e6));
+            }
             memory[i] = pattern_word(seed, i);
+        }
     }
 
     const size_t words_per_tick = (256u << 20) / sizeof(uint64_t);
