@@ -37,12 +37,7 @@ from evictor.tools.pressure import Ballast, available_bytes, oom_kills, wait_for
 MIB = 1 << 20
 GIB = 1 << 30
 SPIKE = "evb-spike"
-POLICIES = {
-    "reactive": {"predictive": False, "parallel": 1},
-    "parallel": {"predictive": False, "parallel": 2},
-    "predictive": {"predictive": True, "parallel": 1},
-    "both": {"predictive": True, "parallel": 2},
-}
+POLICIES = {"reactive": {"predictive": False}, "predictive": {"predictive": True}}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,7 +64,6 @@ def write_config(path: Path, lxc_path: Path, state: Path, policy: Mapping[str, o
         '[triggers]\nlow_watermark = "10%"\nhigh_watermark = "15%"\n'
         'critical_watermark = "5%"\nmin_reclaim = "128MiB"\nimportant_psi_some_avg10 = "off"\n'
         f"predictive = {str(policy['predictive']).lower()}\n"
-        f"[evict]\nparallel = {policy['parallel']}\n"
         "[restore]\nstable_seconds = 3600\n"
         f'[[priorities.rules]]\nmatch = "{SPIKE}"\npriority = 100\nprotect = true\n'
         f"[metrics]\nenabled = false\n"
@@ -137,6 +131,7 @@ def run_point(
     journal = Journal(state / "journal.db")
     done = [e for e in journal.events() if e.kind is EventKind.EVICTED]
     journal.close()
+    shutil.rmtree(state)  # its images: gigabytes a point
     return Point(
         policy=policy,
         spike_gib=spike_gib,

@@ -311,9 +311,6 @@ class FailureBackoff(Section):
 class EvictPolicy(FailureBackoff):
     """A container whose checkpoint failed is left alone for the backoff."""
 
-    # Evictions of one round run this many at once (each dump is CRIU's own process).
-    parallel: int = setting(1, functools.partial(_integer, minimum=1, maximum=8))
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RestorePolicy(FailureBackoff):

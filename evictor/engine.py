@@ -9,7 +9,6 @@ them touches an adapter.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -396,40 +395,22 @@ class Engine:
 
     def carry_out(self, plan: Plan, *, stopping: threading.Event) -> Iterator[Outcome]:
         """Carry out a plan, yielding each outcome as it happens; stop early when
-        ``stopping`` is set (operations under way complete first).
+        ``stopping`` is set (an operation under way completes first).
 
-        Evictions go in turn, ``evict.parallel`` at once, until the reclaim target
-        is met: one that fails is made up for by the next candidate, from the
-        plan's standby list when its own are used up.
+        Evictions go in turn until the reclaim target is met: one that fails is
+        made up for by the next candidate, from the plan's standby list when its
+        own are used up. (One at a time: two dumps at once took twice as long
+        each under pressure here, and freed memory later; docs/benchmarks.md.)
         """
         cause = plan.triggers[0].kind if plan.triggers else None
-        candidates = iter((*plan.evictions, *plan.standby))
         evicted_bytes = 0
-        in_flight: dict[concurrent.futures.Future[Outcome], Decision] = {}
-        with concurrent.futures.ThreadPoolExecutor(self.config.evict.parallel) as pool:
-            while True:
-                planned = evicted_bytes + sum(d.size_bytes for d in in_flight.values())
-                while (
-                    len(in_flight) < self.config.evict.parallel
-                    and planned < plan.reclaim_target_bytes
-                    and not stopping.is_set()
-                    and (decision := next(candidates, None)) is not None
-                ):
-                    reason = _why(plan, decision)
-                    future = pool.submit(self.evict, decision.container, cause=cause, reason=reason)
-                    in_flight[future] = decision
-                    planned += decision.size_bytes
-                if not in_flight:
-                    break
-                done, _ = concurrent.futures.wait(
-                    in_flight, return_when=concurrent.futures.FIRST_COMPLETED
-                )
-                for future in done:
-                    decision = in_flight.pop(future)
-                    outcome = future.result()
-                    if outcome.succeeded:
-                        evicted_bytes += decision.size_bytes
-                    yield outcome
+        for decision in (*plan.evictions, *plan.standby):
+            if evicted_bytes >= plan.reclaim_target_bytes or stopping.is_set():
+                return
+            outcome = self.evict(decision.container, cause=cause, reason=_why(plan, decision))
+            if outcome.succeeded:
+                evicted_bytes += decision.size_bytes
+            yield outcome
         for decision in plan.restores:
             if stopping.is_set():
                 return

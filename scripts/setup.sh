@@ -101,8 +101,13 @@ done
 
 # Test containers with a NIC sit on lxcbr0, the bridge lxc-net makes
 # (10.0.3.1/24, its dnsmasq answering DHCP). DHCP leases from .100 up:
-# 10.0.3.2-10.0.3.99 are left to the tests' static addresses.
-if ! ip link show lxcbr0 >/dev/null 2>&1; then
+# 10.0.3.2-10.0.3.99 are left to the tests' static addresses. The bridge can
+# outlive its dnsmasq (a machine whose processes were ended): then DHCP is
+# silent, so a dead dnsmasq restarts lxc-net too.
+dnsmasq_alive() {
+    pid=$(cat /run/lxc/dnsmasq.pid 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+}
+if ! ip link show lxcbr0 >/dev/null 2>&1 || ! dnsmasq_alive; then
     if ! grep -qs '^[[:space:]]*USE_LXC_BRIDGE="\{0,1\}true' /etc/default/lxc-net; then
         say "enabling lxc-net's bridge in /etc/default/lxc-net"
         # Appended: lxc-net sources the file, so these lines win over earlier ones.
@@ -125,6 +130,7 @@ NET
         /usr/libexec/lxc/lxc-net start
     fi
     ip link show lxcbr0 >/dev/null 2>&1 || die "lxc-net did not bring lxcbr0 up"
+    dnsmasq_alive || die "lxc-net did not start dnsmasq: containers on lxcbr0 get no DHCP lease"
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

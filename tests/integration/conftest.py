@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -35,7 +36,12 @@ from evictor.lxc_runtime import LxcRuntime
 from evictor.tools import stock, testbed
 
 T = TypeVar("T")
+MIB = 1 << 20
+GIB = 1 << 30
 TEST_ROOT = Path(os.environ.get("EVICTOR_TEST_ROOT", "/var/tmp/evictor-tests"))
+
+# The pressure tests' images (4 x 1 GiB) and page-cache file (4 GiB), with room to spare.
+MIN_FREE_DISK_BYTES = 16 * GIB
 
 _names = itertools.count(1)
 
@@ -51,6 +57,14 @@ def test_lxc_path() -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.fail("integration tests need root (LXC and CRIU): run them as root")
     check_criu()
+    TEST_ROOT.parent.mkdir(parents=True, exist_ok=True)
+    for where in (TEST_ROOT.parent, Path(tempfile.gettempdir())):
+        free = shutil.disk_usage(where).free
+        if free < MIN_FREE_DISK_BYTES:
+            pytest.fail(
+                f"integration tests need {MIN_FREE_DISK_BYTES / GIB:.0f} GiB free in {where}"
+                f" (images, a page-cache file): {free / GIB:.1f} GiB free"
+            )
     lxc_path = TEST_ROOT / "lxc"
     leftovers = LxcRuntime(lxc_path)
     for name in leftovers.names():
@@ -157,6 +171,10 @@ def require_bridge() -> None:
     """Fail (never skip) when lxcbr0, which containers with a NIC need, is missing."""
     if not Path("/sys/class/net", stock.BRIDGE).exists():
         pytest.fail(f"{stock.BRIDGE} is missing: run scripts/setup.sh (it starts lxc-net)")
+    try:
+        os.kill(int(Path("/run/lxc/dnsmasq.pid").read_text()), 0)
+    except (OSError, ValueError):
+        pytest.fail(f"{stock.BRIDGE}'s dnsmasq is not running: run scripts/setup.sh (DHCP)")
 
 
 # Static test addresses: 10.0.3.2-10.0.3.99 (lxc-net's DHCP range, as

@@ -29,6 +29,7 @@ from evictor.model import ContainerState
 from evictor.tools import stock, testbed
 
 from .conftest import (
+    MIB,
     TEST_ROOT,
     StockFactory,
     WorkloadFactory,
@@ -36,7 +37,6 @@ from .conftest import (
     run_evictor,
 )
 
-MIB = 1 << 20
 REDIS_KEYS = 2000
 # What a stock Debian container trips over here, all of which `prepare` remedies.
 STOCK_FINDINGS = {"tty", "apparmor", "systemd-cgroup", "nested-namespaces", "run-sharing", "ramfs"}

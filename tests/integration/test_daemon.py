@@ -21,6 +21,7 @@ from evictor.model import ContainerState, Managed
 from evictor.tools import testbed
 
 from .conftest import (
+    MIB,
     DaemonProcess,
     WorkloadFactory,
     free_port,
@@ -29,8 +30,6 @@ from .conftest import (
     wait_until,
     write_config,
 )
-
-MIB = 1 << 20
 
 
 def test_evicts_the_lowest_under_a_budget_and_restores_when_load_drops(

@@ -27,9 +27,7 @@ from evictor.model import ContainerState
 from evictor.monitor import read_free_bytes, read_meminfo
 from evictor.tools import testbed
 
-from .conftest import WorkloadFactory, run_evictor
-
-MIB = 1 << 20
+from .conftest import MIB, WorkloadFactory, run_evictor
 
 
 def resident_bytes(directory: Path) -> int:

@@ -35,6 +35,7 @@ from evictor.ranking import Action, Decision, Plan, Trigger, TriggerKind
 from evictor.tools import testbed
 
 from .conftest import (
+    MIB,
     DaemonProcess,
     WorkloadFactory,
     evictor_argv,
@@ -43,8 +44,6 @@ from .conftest import (
     wait_until,
     write_config,
 )
-
-MIB = 1 << 20
 
 
 def in_background(action: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
@@ -205,6 +204,7 @@ def test_a_container_started_by_hand_while_evicted_is_never_restored_over(
     evicted = testbed.wait_for_counter(runtime, name, above=0)
     checkpoint.evict(runtime, store, journal, name)
     runtime.start(name)  # an operator boots it fresh
+
     # The status file still holds the evicted process's last line until the fresh one writes.
     def fresh_status() -> testbed.WorkloadStatus | None:
         status = testbed.read_status(runtime, name)

@@ -11,9 +11,8 @@ from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerState
 from evictor.monitor import Monitor, read_per_cpu_free_bytes, sample_host
 
-from .conftest import WorkloadFactory
+from .conftest import MIB, WorkloadFactory
 
-MIB = 1 << 20
 # The host moves on its own between two reads: both are taken within
 # milliseconds, and 64 MiB is far below any figure evictor acts on.
 TOLERANCE_BYTES = 64 * MIB

@@ -16,16 +16,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerState
 from evictor.tools import testbed
 from evictor.tools.pressure import Ballast, oom_kills, wait_for
 
-from .conftest import DaemonProcess, WorkloadFactory, free_port, wait_until, write_config
-
-MIB = 1 << 20
-GIB = 1 << 30
+from .conftest import GIB, MIB, DaemonProcess, WorkloadFactory, free_port, wait_until, write_config
 
 
 def spike_filled(runtime: LxcRuntime, name: str) -> bool:
@@ -69,14 +68,23 @@ def test_without_the_daemon_a_spike_meets_the_oom_killer(
     assert all(runtime.state(n) is ContainerState.RUNNING for n in lows)
 
 
-def test_the_low_watermark_evicts_before_the_oom_killer_and_restores_after(
+@pytest.mark.parametrize(
+    ("predictive", "fired"),
+    [(False, "below the low watermark"), (True, "falls at")],
+    ids=["low-watermark", "predicted"],
+)
+def test_a_spike_is_met_before_the_oom_killer_and_restores_follow(
     runtime: LxcRuntime,
     workload: WorkloadFactory,
     daemon: Callable[[Path], DaemonProcess],
     tmp_path: Path,
+    predictive: bool,
+    fired: str,
 ) -> None:
     """A 4 GiB spike at 256 MiB/s where 3 GiB are left; two 1 GiB containers may go.
-    The restore waits for the default stable_seconds (30 s)."""
+    The low watermark fires as MemAvailable crosses it; the predictive trigger
+    before, as soon as its fall would cross it sooner than evictions take. The
+    restore waits for the default stable_seconds (30 s)."""
     lows = [workload(memory_mib=1024) for _ in range(2)]
     before = {n: testbed.wait_for_counter(runtime, n, above=0) for n in lows}
     spike = workload(memory_mib=4096, start=False, fill_rate_mib_per_second=256)
@@ -91,6 +99,7 @@ def test_the_low_watermark_evicts_before_the_oom_killer_and_restores_after(
             "high_watermark": "15%",
             "critical_watermark": "5%",
             "min_reclaim": "128MiB",
+            "predictive": predictive,
         },
         restore={"stable_seconds": 30},
         priorities={"rules": [{"match": spike, "priority": 100, "protect": True}]},
@@ -105,7 +114,8 @@ def test_the_low_watermark_evicts_before_the_oom_killer_and_restores_after(
         gone = [n for n in lows if evicted(state, n)]
         assert gone, running.log()  # at least 1 GiB had to go for the spike to fit
         assert not evicted(state, spike)
-        assert "MemAvailable" in running.log() and "below the low watermark" in running.log()
+        first = next(line for line in running.log().splitlines() if "evicted" in line)
+        assert fired in first, first
         runtime.stop(spike)
     pressure_ended = time.monotonic()
     wait_until(
@@ -144,6 +154,7 @@ def test_host_psi_evicts_the_lowest_ranked(
             "critical_watermark": "0.5%",
             "min_reclaim": "256MiB",
             "host_psi_some_avg10": 5,
+            "predictive": False,
         },
         priorities={
             "rules": [
@@ -188,6 +199,7 @@ def test_an_important_container_s_own_psi_evicts_the_lowest_ranked(
             "critical_watermark": "0.5%",
             "min_reclaim": "256MiB",
             "important_psi_some_avg10": 5,
+            "predictive": False,
         },
         priorities={"rules": [{"match": reader, "priority": 100}]},
     )
