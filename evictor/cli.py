@@ -106,6 +106,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     command("evict", _cmd_evict, "checkpoint containers to disk and stop them", names="+")
     command("restore", _cmd_restore, "restore evicted containers", names="+")
+    discard = command(
+        "discard",
+        _cmd_discard,
+        "remove evicted containers' images on purpose: they start cold (LXD's stateless start)",
+        names="+",
+    )
+    discard.add_argument("--yes", action="store_true", help="do not ask")
     command("list", _cmd_list, "containers, their memory and their images", json_output=True)
     command(
         "status",
@@ -121,6 +128,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "--protect", dest="protected", action="store_true", default=None, help="never evict it"
     )
     protection.add_argument("--unprotect", dest="protected", action="store_false")
+    draining = label.add_mutually_exclusive_group()
+    draining.add_argument(
+        "--no-drain",
+        dest="drain",
+        action="store_false",
+        default=None,
+        help="drains (by hand, or at host shutdown) leave it running",
+    )
+    draining.add_argument("--drain", dest="drain", action="store_true")
     label.add_argument("--clear", action="store_true", help="remove the label")
     command("run", _cmd_run, "run the daemon: evict under pressure, restore when it drops")
     make_room = command(
@@ -139,7 +155,9 @@ def _build_parser() -> argparse.ArgumentParser:
     drain = command(
         "drain", _cmd_drain, "checkpoint every evictable container, e.g. before a host reboot"
     )
-    drain.add_argument("--all", action="store_true", help="protected containers too")
+    drain.add_argument(
+        "--all", action="store_true", help="protected ones, and those set not to drain, too"
+    )
     resume = command("resume", _cmd_resume, "restore drained containers now (default: all of them)")
     resume.add_argument("names", nargs="*", metavar="NAME")
     check_ = command(
@@ -412,18 +430,58 @@ def _cmd_plan(args: argparse.Namespace, engine: Engine) -> int:
 
 def _cmd_label(args: argparse.Namespace, engine: Engine) -> int:
     name = validate_container_name(args.name)
+    settings = (args.priority, args.protected, args.drain)
     if args.clear:
-        if args.priority is not None or args.protected is not None:
-            raise UsageError("--clear cannot be combined with --priority, --protect or --unprotect")
+        if any(setting is not None for setting in settings):
+            raise UsageError("--clear cannot be combined with other settings")
         engine.clear_label(name)
         print(f"{name}: label cleared")
         return EXIT_OK
-    if args.priority is None and args.protected is None:
-        raise UsageError("label needs --priority N, --protect, --unprotect or --clear")
-    priority = engine.label(name, Label(priority=args.priority, protected=args.protected))
+    if all(setting is None for setting in settings):
+        raise UsageError(
+            "label needs --priority N, --protect, --unprotect, --drain, --no-drain or --clear"
+        )
+    priority = engine.label(
+        name, Label(priority=args.priority, protected=args.protected, drain=args.drain)
+    )
     protection = "protected" if priority.protected else "not protected"
-    print(f"{name}: priority {priority.value} (from {priority.source}), {protection}")
+    left = "" if priority.drain else ", left running by drains"
+    print(f"{name}: priority {priority.value} (from {priority.source}), {protection}{left}")
     return EXIT_OK
+
+
+def _cmd_discard(args: argparse.Namespace, engine: Engine) -> int:
+    names = args.names
+    for name in names:
+        validate_container_name(name)
+    if not args.yes and not sys.stdin.isatty():
+        raise UsageError("discard asks before it removes a saved state: pass --yes")
+    images = {c.name: c for c in engine.sample().containers}
+    failed = 0
+    for name in names:
+        if not args.yes:
+            image = images.get(name)
+            shown = _image(image, time.time()) if image is not None else ("?", "?")
+            answer = input(
+                f"discard the image of {name} ({shown[0]}, evicted {shown[1]})? its saved"
+                " running state is lost and it starts cold [y/N] "
+            )
+            if answer.strip().lower() not in ("y", "yes"):
+                print(f"{name}: kept")
+                continue
+        try:
+            done = engine.discard(name)
+        except UsageError:
+            raise
+        except EvictorError as error:
+            failed += 1
+            _report(error)
+            continue
+        print(
+            f"discarded the image of {name} ({format_bytes(done.manifest.image_bytes)},"
+            f" evicted for {format_age(done.evicted_seconds)}): it starts cold"
+        )
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace, engine: Engine) -> int:
@@ -448,7 +506,7 @@ def _cmd_make_room(args: argparse.Namespace, engine: Engine) -> int:
 
 
 def _cmd_drain(args: argparse.Namespace, engine: Engine) -> int:
-    drained = engine.drain(include_protected=args.all)
+    drained = engine.drain(include_all=args.all)
     code = _report_all(
         drained.outcomes,
         lambda o: (
@@ -456,9 +514,13 @@ def _cmd_drain(args: argparse.Namespace, engine: Engine) -> int:
             f" {o.duration_seconds:.2f} s"
         ),
     )
-    if drained.left_running:
-        listed = ", ".join(drained.left_running)
-        print(f"left running (protected; --all drains them too): {listed}")
+    for names, why in (
+        (drained.protected, "protected; --all drains them too"),
+        (drained.kept, "drain = false; --all drains them too"),
+        (drained.out_of_time, "no time was left"),
+    ):
+        if names:
+            print(f"left running ({why}): {', '.join(names)}")
     return code
 
 

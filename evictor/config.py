@@ -244,10 +244,11 @@ class Rule(Section):
     match: str = required(_glob, "every rule needs a glob to match container names")
     priority: int | None = setting(None, _optional(_integer))
     protect: bool | None = setting(None, _optional(_boolean))
+    drain: bool | None = setting(None, _optional(_boolean))  # false: drains leave it running
 
     def check(self) -> None:
-        if self.priority is None and self.protect is None:
-            raise ConfigError(None, "a rule must set priority, protect or both")
+        if self.priority is None and self.protect is None and self.drain is None:
+            raise ConfigError(None, "a rule must set priority, protect, drain or several")
 
     def matches(self, name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.match)
@@ -335,6 +336,28 @@ class Priorities(Section):
     rules: tuple[Rule, ...] = setting((), _rules)
 
 
+def _choice(*choices: str) -> Converter:
+    def choice(key: str, raw: object) -> str:
+        if raw not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {raw!r}")
+        return str(raw)
+
+    return choice
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Shutdown(Section):
+    """Drain when the daemon stops: checkpoint every evictable container (lowest
+    priority first) so that the host can reboot without losing running state."""
+
+    # off; on-shutdown: when the host shuts down (systemd "stopping", or runlevel 0/6);
+    # on-stop: whenever the daemon is stopped (SIGTERM)
+    drain: str = setting("off", _choice("off", "on-shutdown", "on-stop"))
+    # evictions start no later than this after the stop began (systemd's
+    # TimeoutStopSec in deploy/evictor.service is 10 minutes)
+    timeout_seconds: float = setting(540.0, _positive)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Metrics(Section):
     enabled: bool = setting(True, _boolean)
@@ -352,6 +375,7 @@ class Config(Section):
     restore: RestorePolicy = section(RestorePolicy)
     antithrash: AntiThrash = section(AntiThrash)
     priorities: Priorities = section(Priorities)
+    shutdown: Shutdown = section(Shutdown)
     metrics: Metrics = section(Metrics)
 
     @property

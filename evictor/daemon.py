@@ -2,7 +2,8 @@
 
 SIGHUP reloads the config (validated first; a bad one is refused and the
 running one kept); the journal is pruned of what the planner no longer needs
-at start and hourly.
+at start and hourly. With ``[shutdown] drain``, a stop (at host shutdown, or
+any) checkpoints every evictable container before the daemon exits.
 
 Ticks never overlap and never queue up: the job runs at most one instance at a
 time and missed runs coalesce into one, so a slow dump delays the next tick
@@ -30,6 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from evictor.config import Config, describe
 from evictor.engine import Engine
 from evictor.errors import EvictorError, LockBusy, UsageError
+from evictor.inspection import host_shutting_down
 from evictor.metrics import Metrics
 from evictor.ranking import Action, Plan
 
@@ -169,13 +171,37 @@ class Daemon:
         log.info("running: a tick every %g s", interval)
 
     def stop(self) -> None:
-        """Stop after the action under way, if any, and wait for it."""
+        """Stop after the action under way, if any, and wait for it; then drain, if the
+        config says so for this stop."""
         self.stopping.set()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
+        if self._drains_now():
+            self._drain()
         if self._server is not None:
             self._server.shutdown()
         log.info("stopped")
+
+    def _drains_now(self) -> bool:
+        drain = self.engine.config.shutdown.drain
+        return drain == "on-stop" or (drain == "on-shutdown" and host_shutting_down())
+
+    def _drain(self) -> None:
+        """Checkpoint every evictable container before LXC stops them (the unit stops
+        evictor before lxc.service at shutdown); the next start restores them."""
+        timeout = self.engine.config.shutdown.timeout_seconds
+        log.info("draining before the stop: every evictable container, lowest priority first")
+        drained = self.engine.drain(include_all=False, deadline=time.monotonic() + timeout)
+        for outcome in drained.outcomes:
+            self.metrics.record(outcome)
+            if outcome.error is not None:
+                log.error("drain of %s failed: %s", outcome.container, outcome.error)
+        left = (*drained.protected, *drained.kept, *drained.out_of_time)
+        log.info(
+            "drained %d containers; left running: %s",
+            sum(o.succeeded for o in drained.outcomes),
+            ", ".join(left) or "none",
+        )
 
     def reload(self) -> bool:
         """Load the config again and act on it from the next tick. A config that does

@@ -13,11 +13,13 @@ import dataclasses
 import functools
 import logging
 import os
+import shlex
 import stat
 import statistics
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from importlib import resources
 from pathlib import Path
 
 from evictor import checkpoint, criu, inspection, reconcile, restore
@@ -50,6 +52,7 @@ from evictor.ranking import (
     plan_make_room,
     resolve_priority,
 )
+from evictor.restore import Discarded
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class Assessment:
     standing: dict[str, str]  # may the planner evict it now? one phrase per container
     store_size_bytes: int
     store_free_bytes: int
+    discards: dict[str, int] = dataclasses.field(default_factory=dict)  # ever, per container
 
     @property
     def images_bytes(self) -> int:
@@ -129,7 +133,11 @@ class CheckReport:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Drain:
     outcomes: tuple[Outcome, ...]
-    left_running: tuple[str, ...]  # protected ones, unless all were asked for
+    # Left running, unless all were asked for: protected ones; those set not to drain
+    # (a rule's or a label's drain = false); and those the deadline left no time for.
+    protected: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+    out_of_time: tuple[str, ...] = ()
 
 
 class Engine:
@@ -253,6 +261,7 @@ class Engine:
             },
             store_size_bytes=store_size_bytes,
             store_free_bytes=store_free_bytes,
+            discards=self._journal.discards() if self._has_journal() else {},
         )
 
     # --- acting on one container ---
@@ -356,8 +365,14 @@ class Engine:
         if undo:
             prepared = preparing.undo(self._runtime, self._store, name, dry_run=dry_run)
         else:
-            host = self._host_facts()
-            prepared = preparing.prepare(self._runtime, self._store, host, name, dry_run=dry_run)
+            prepared = preparing.prepare(
+                self._runtime,
+                self._store,
+                self._host_facts(),
+                name,
+                guard_hook=self.guard_hook(),
+                dry_run=dry_run,
+            )
         if restart and not dry_run and prepared.changed and prepared.running:
             self._runtime.restart(name)
             prepared = dataclasses.replace(prepared, restarted=True)
@@ -380,8 +395,18 @@ class Engine:
         c = self.config
         return max(c.antithrash.window_seconds, c.antithrash.max_cooldown_seconds)
 
+    def guard_hook(self) -> str:
+        """The LXC pre-start hook line that refuses a cold start while the container
+        holds a committed image (``lxc.hook.pre-start = ...``)."""
+        guard = resources.files("evictor").joinpath("hooks/evictor-guard")
+        return f"{shlex.quote(str(guard))} {shlex.quote(str(self.config.state_dir))}"
+
     def _host_facts(self) -> HostFacts:
         return inspection.host_facts(proc_root=self._proc_root, cgroup_root=self._cgroup_root)
+
+    def discard(self, name: str) -> Discarded:
+        """Remove ``name``'s committed image on purpose: it starts cold from now on."""
+        return restore.discard(self._runtime, self._store, self._journal, name)
 
     def label(self, name: str, label: Label) -> Priority:
         """Merge ``label`` into the container's label; return its effective priority."""
@@ -442,20 +467,35 @@ class Engine:
         )
         return room, list(self.carry_out(room, stopping=threading.Event()))
 
-    def drain(self, *, include_protected: bool) -> Drain:
-        """Checkpoint every running container (protected ones only if asked), lowest
-        priority first, and hold them evicted until the daemon restarts or ``resume``."""
+    def drain(self, *, include_all: bool, deadline: float | None = None) -> Drain:
+        """Checkpoint every running container but protected ones and those set to stay
+        (``drain = false``), or all of them; lowest priority first; and hold them evicted
+        until the daemon restarts or ``resume``. None is begun after ``deadline``
+        (``time.monotonic()``)."""
         containers = self.sample().containers
         priorities = self.priorities(c.name for c in containers)
         running = [c for c in containers if c.state is ContainerState.RUNNING]
         chosen = sorted(
-            (c for c in running if include_protected or not priorities[c.name].protected),
+            (
+                c
+                for c in running
+                if include_all or (priorities[c.name].drain and not priorities[c.name].protected)
+            ),
             key=lambda c: (priorities[c.name].value, c.name),
         )
-        outcomes = tuple(self.evict(c.name, reason="drain", drained=True) for c in chosen)
+        outcomes = []
+        for container in chosen:
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning("drain: out of time, %s and the rest left running", container.name)
+                break
+            outcomes.append(self.evict(container.name, reason="drain", drained=True))
+        tried = {o.container for o in outcomes}
+        left = [c.name for c in running if c not in chosen]
         return Drain(
-            outcomes=outcomes,
-            left_running=tuple(c.name for c in running if c not in chosen),
+            outcomes=tuple(outcomes),
+            protected=tuple(n for n in left if priorities[n].protected),
+            kept=tuple(n for n in left if not priorities[n].protected),
+            out_of_time=tuple(c.name for c in chosen if c.name not in tried),
         )
 
     def resume(self, names: list[str]) -> list[Outcome]:

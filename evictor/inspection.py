@@ -13,6 +13,7 @@ import dataclasses
 import os
 import posixpath
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,3 +211,25 @@ def _opened_for_writing(fdinfo: Path) -> bool:
     except (OSError, ValueError):
         return False
     return flags & os.O_ACCMODE != os.O_RDONLY
+
+
+def host_shutting_down(*, run_root: Path = Path("/run")) -> bool:
+    """Whether the host is shutting down or rebooting: systemd says it is
+    "stopping", or, without systemd, the runlevel is 0 or 6."""
+    if (run_root / "systemd/system").is_dir():
+        result = _output(["systemctl", "is-system-running"])
+        return result.strip() == "stopping"
+    return runlevel_is_shutdown(_output(["runlevel"]))
+
+
+def runlevel_is_shutdown(runlevel_output: str) -> bool:
+    """``runlevel`` prints the previous and the current runlevel ("N 5", "5 6")."""
+    fields = runlevel_output.split()
+    return len(fields) == 2 and fields[1] in ("0", "6")
+
+
+def _output(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+    except OSError:  # not installed: no shutdown it could tell of
+        return ""

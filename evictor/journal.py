@@ -57,6 +57,9 @@ STREAK_KEPT = 32
 # Columns added since the first schema, with their definitions: added to a
 # journal written by an older evictor when it is opened.
 _ADDED_COLUMNS = {
+    "labels": {
+        "drain": "INTEGER",  # drains leave it running (0), or not (1); NULL: unset
+    },
     "events": {
         # a failed checkpoint's cause cannot pass by itself (a tty, an unsupported fd)
         "persistent": "INTEGER NOT NULL DEFAULT 0",
@@ -80,6 +83,7 @@ class EventKind(enum.Enum):
     EVICT_FAILED = "evict_failed"
     RESTORED = "restored"
     RESTORE_FAILED = "restore_failed"
+    DISCARDED = "discarded"  # its image removed on purpose (evictor discard)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -135,10 +139,10 @@ class Journal:
     # --- labels ---
 
     def labels(self) -> dict[str, Label]:
-        rows = self._read("SELECT container, priority, protected FROM labels")
+        rows = self._read("SELECT container, priority, protected, drain FROM labels")
         return {
-            name: Label(priority=priority, protected=None if protected is None else bool(protected))
-            for name, priority, protected in rows
+            name: Label(priority=priority, protected=_flag(protected), drain=_flag(drain))
+            for name, priority, protected, drain in rows
         }
 
     def set_label(self, container: str, label: Label) -> None:
@@ -148,13 +152,16 @@ class Journal:
             merged = Label(
                 priority=label.priority if label.priority is not None else old.priority,
                 protected=label.protected if label.protected is not None else old.protected,
+                drain=label.drain if label.drain is not None else old.drain,
             )
             db.execute(
-                "INSERT OR REPLACE INTO labels (container, priority, protected) VALUES (?, ?, ?)",
+                "INSERT OR REPLACE INTO labels (container, priority, protected, drain)"
+                " VALUES (?, ?, ?, ?)",
                 (
                     container,
                     merged.priority,
                     None if merged.protected is None else int(merged.protected),
+                    None if merged.drain is None else int(merged.drain),
                 ),
             )
 
@@ -245,6 +252,14 @@ class Journal:
         )
         return [size / duration for size, duration in rows]
 
+    def discards(self) -> dict[str, int]:
+        """How many times each container's image was discarded, ever."""
+        rows = self._read(
+            "SELECT container, COUNT(*) FROM events WHERE kind = ? GROUP BY container",
+            (EventKind.DISCARDED.value,),
+        )
+        return dict(rows)
+
     def record_check(self, container: str, verdict: CheckVerdict) -> None:
         """Remember ``evictor check``'s verdict (the last one per container)."""
         with self._transaction() as db:
@@ -280,8 +295,9 @@ class Journal:
     def prune(self, *, before: float, streak_kept: int = STREAK_KEPT) -> int:
         """Forget events older than ``before`` that no History needs any more; return
         how many. Kept whatever their age: each container's last event of each kind
-        (the last success delimits a failure streak) and the latest ``streak_kept``
-        failures of a streak since it (enough for any backoff to reach its cap)."""
+        (the last success delimits a failure streak), the latest ``streak_kept``
+        failures of a streak since it (enough for any backoff to reach its cap), and
+        every discard (operators' acts, which the metrics count)."""
         failed_after_success = """
             SELECT id FROM (
                 SELECT e.id, ROW_NUMBER() OVER (
@@ -292,12 +308,13 @@ class Journal:
             ) WHERE newest <= ?"""
         with self._transaction() as db:
             cursor = db.execute(
-                "DELETE FROM events WHERE at < ?"
+                "DELETE FROM events WHERE at < ? AND kind != ?"
                 " AND id NOT IN (SELECT MAX(id) FROM events GROUP BY container, kind)"
                 f" AND id NOT IN ({failed_after_success})"
                 f" AND id NOT IN ({failed_after_success})",
                 (
                     before,
+                    EventKind.DISCARDED.value,
                     EventKind.EVICT_FAILED.value,
                     EventKind.EVICTED.value,
                     streak_kept,
@@ -364,6 +381,10 @@ class Journal:
             )
             for name in names | restore_failures.keys() | checks.keys()
         }
+
+
+def _flag(value: int | None) -> bool | None:
+    return None if value is None else bool(value)
 
 
 _EVENT_COLUMNS = (

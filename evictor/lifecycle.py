@@ -37,8 +37,8 @@ TRANSITIONS: dict[tuple[Managed, Managed], str] = {
     (RESTORING, RUNNING): "it runs again, restored",
     (RESTORING, EVICTED): "the restore was interrupted before the container ran",
     (RESTORING, FAILED): "the restore failed; its image is kept",
-    (EVICTED, RUNNING): "started outside evictor, and its image is gone",
-    (FAILED, RUNNING): "started outside evictor, and its image is gone",
+    (EVICTED, RUNNING): "its image is gone: discarded, or started outside evictor",
+    (FAILED, RUNNING): "its image is gone: discarded, or started outside evictor",
     (FAILED, EVICTING): "started outside evictor after a failure; an eviction begins",
     (RUNNING, EVICTED): "found stopped with a committed image the journal had no record of",
 }

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from evictor.config import Metrics as MetricsConfig
@@ -139,7 +139,14 @@ class _Gauges(Collector):
             check = history.check if history is not None else None
             if check is not None and check.config_digest == container.config_digest:
                 checkpointable.add_metric([container.name], float(check.checkpointable))
-        yield from (memory, footprint, priority, state, evicted_at, checkpointable)
+        discards = CounterMetricFamily(
+            "evictor_discards",
+            "Images removed on purpose (evictor discard): the container started cold",
+            labels=["container"],
+        )
+        for name, count in sorted(snapshot.discards.items()):
+            discards.add_metric([name], count)
+        yield from (memory, footprint, priority, state, evicted_at, checkpointable, discards)
 
 
 class Metrics:

@@ -109,6 +109,7 @@ class Label:
 
     priority: int | None = None
     protected: bool | None = None
+    drain: bool | None = None  # False: drains (by hand, or at shutdown) leave it running
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,6 +117,7 @@ class Priority:
     value: int
     protected: bool
     source: str  # where the value came from: "label", "rule 'db-*'" or "default"
+    drain: bool = True  # drains checkpoint it (unless it is protected)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

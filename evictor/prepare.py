@@ -1,4 +1,5 @@
-"""``evictor prepare``: apply the remedies diagnosis.py marks safe, or undo them.
+"""``evictor prepare``: apply the remedies diagnosis.py marks safe, and install
+the guard against cold starts (evictor/hooks/evictor-guard); or undo it all.
 
 Changes to the LXC config go into evictor's block at its end (lxc_config.py),
 after a backup of the file; the unified diff is returned. Files in the rootfs
@@ -29,7 +30,7 @@ from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerState, IdMap, validate_container_name
 
 # LXC keys that take one value per line (the others: the last line wins).
-_LIST_KEYS = frozenset({"lxc.environment", "lxc.mount.entry", "lxc.idmap"})
+_LIST_KEYS = frozenset({"lxc.environment", "lxc.mount.entry", "lxc.idmap", "lxc.hook.pre-start"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,8 +52,16 @@ class Prepared:
 
 
 def prepare(
-    runtime: LxcRuntime, store: ImageStore, host: HostFacts, name: str, *, dry_run: bool
+    runtime: LxcRuntime,
+    store: ImageStore,
+    host: HostFacts,
+    name: str,
+    *,
+    guard_hook: str,
+    dry_run: bool,
 ) -> Prepared:
+    """Apply the safe remedies, and install ``guard_hook`` (an LXC pre-start hook that
+    refuses to cold-start the container while it holds a committed image)."""
     validate_container_name(name)
     with store.lock(name):
         _refuse_if_evicted(runtime, store, name)
@@ -60,6 +69,9 @@ def prepare(
         text = runtime.config_path(name).read_text()
         base, block = lxc_config.split(text)
         preparation = diagnosis.preparation(facts, host)
+        preparation = dataclasses.replace(
+            preparation, settings=(*preparation.settings, ("lxc.hook.pre-start", guard_hook))
+        )
         added = preparation.rootfs_files
         before = block or lxc_config.Block()
         merged = _merge(before, preparation)

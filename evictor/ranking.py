@@ -110,18 +110,22 @@ class Plan:
 def resolve_priority(name: str, label: Label | None, priorities: Priorities) -> Priority:
     """A label beats the first matching rule, which beats the default (field by field)."""
     rule = next((r for r in priorities.rules if r.matches(name)), None)
-    value, protected, source = priorities.default, False, "default"
+    value, protected, source, drain = priorities.default, False, "default", True
     if rule is not None:
         if rule.priority is not None:
             value, source = rule.priority, f"rule {rule.match!r}"
         if rule.protect is not None:
             protected = rule.protect
+        if rule.drain is not None:
+            drain = rule.drain
     if label is not None:
         if label.priority is not None:
             value, source = label.priority, "label"
         if label.protected is not None:
             protected = label.protected
-    return Priority(value=value, protected=protected, source=source)
+        if label.drain is not None:
+            drain = label.drain
+    return Priority(value=value, protected=protected, source=source, drain=drain)
 
 
 def eviction_cooldown_seconds(history: History, policy: AntiThrash, now: float) -> float:

@@ -1,4 +1,4 @@
-"""Restore one evicted container, running state intact.
+"""Restore one evicted container, running state intact; or discard its image.
 
 The image is verified against its manifest before any restored process runs:
 everything but the memory contents before CRIU starts, the memory contents
@@ -158,3 +158,40 @@ def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: 
             if problem:
                 runtime.stop(name)
                 raise problem[0]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Discarded:
+    manifest: Manifest
+    evicted_seconds: float  # how long the container was evicted
+
+
+def discard(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str) -> Discarded:
+    """Remove ``name``'s committed image on purpose: its saved running state is gone,
+    and it is STOPPED, to be started cold (LXD's stateless start). Refused, changing
+    nothing, for a container that is not STOPPED or has no committed image."""
+    validate_container_name(name)
+    with store.lock(name):  # not while it is being evicted or restored
+        settle(runtime, store, journal, name)
+        state = runtime.state(name)
+        if state is not ContainerState.STOPPED:
+            raise InvalidState(
+                f"{name}: is {state.value}; only a stopped container's image can be discarded",
+                container=name,
+            )
+        manifest = store.load(name)
+        now = time.time()
+        store.discard(name)
+        lifecycle.move(
+            journal, name, Managed.RUNNING, at=now, reason="image discarded", drained=False
+        )
+        journal.record(
+            Event(
+                container=name,
+                at=now,
+                kind=EventKind.DISCARDED,
+                size_bytes=manifest.image_bytes,
+            )
+        )
+    log.info("discarded the image of %s (%d bytes): it starts cold", name, manifest.image_bytes)
+    return Discarded(manifest=manifest, evicted_seconds=max(0.0, now - manifest.evicted_at))

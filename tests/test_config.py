@@ -101,9 +101,12 @@ def test_an_empty_config_is_the_defaults() -> None:
         ({"priorities": {"default": 10**12}}, "priorities.default: must be between"),
         ({"priorities": {"rules": {"match": "x"}}}, "priorities.rules: expected an array"),
         ({"priorities": {"rules": [{"match": "x"}]}}, "rules[0]: a rule must set priority"),
+        ({"priorities": {"rules": [{"match": "x", "drain": 1}]}}, "drain: expected true or"),
         ({"priorities": {"rules": [{"priority": 1}]}}, "rules[0].match: every rule needs"),
         ({"priorities": {"rules": [{"match": "x", "protect": "yes"}]}}, "expected true or"),
         ({"metrics": {"port": 70000}}, "metrics.port: must be between 1 and 65535"),
+        ({"shutdown": {"drain": "yes"}}, "shutdown.drain: expected one of off, on-shutdown"),
+        ({"shutdown": {"timeout_seconds": 0}}, "shutdown.timeout_seconds: must be greater"),
         ({"metrics": {"address": "localhost:80"}}, "metrics.address: 'localhost:80' is not"),
     ],
 )

@@ -77,8 +77,8 @@ def test_an_empty_host(engine: Engine, tmp_path: Path) -> None:
     assert assessment.sample.containers == () and not assessment.plan.pressure
     assert assessment.standing == {} and assessment.images_bytes == 0
     assert not (tmp_path / "state").exists()  # looking creates nothing
-    drained = engine.drain(include_protected=False)
-    assert drained.outcomes == () and drained.left_running == ()
+    drained = engine.drain(include_all=False)
+    assert drained.outcomes == () and drained.protected == drained.kept == ()
     assert engine.resume([]) == []
 
 

@@ -12,7 +12,14 @@ import pytest
 from evictor import lxc_config
 from evictor.diagnosis import RUN_SLAVE_WANTED, SERVICE_DROP_IN
 from evictor.errors import InvalidState
-from evictor.inspection import _tasks, host_facts, resolve_in_rootfs, rootfs_facts
+from evictor.inspection import (
+    _tasks,
+    host_facts,
+    host_shutting_down,
+    resolve_in_rootfs,
+    rootfs_facts,
+    runlevel_is_shutdown,
+)
 from evictor.model import CgroupLayout, ContainerConfig, IdMap
 from evictor.prepare import remove_in_rootfs, write_in_rootfs
 
@@ -142,3 +149,25 @@ def test_the_block_round_trips_and_leaves_the_rest_alone() -> None:
     assert text.startswith(original) and "lxc.apparmor.profile =\n" in text
     assert lxc_config.split(text) == (original, block)
     assert lxc_config.split(original) == (original, None)
+
+
+@pytest.mark.parametrize(
+    ("output", "shutting_down"),
+    [("N 5\n", False), ("5 0\n", True), ("5 6\n", True), ("unknown\n", False), ("", False)],
+)
+def test_a_runlevel_of_0_or_6_is_a_shutdown(output: str, shutting_down: bool) -> None:
+    assert runlevel_is_shutdown(output) is shutting_down
+
+
+def test_systemd_says_when_the_host_is_stopping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    systemctl = bin_dir / "systemctl"  # stands in for systemd's answer
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for answer, shutting_down in (("stopping", True), ("running", False), ("degraded", False)):
+        systemctl.write_text(f"#!/bin/sh\necho {answer}\n")
+        systemctl.chmod(0o755)
+        assert host_shutting_down(run_root=tmp_path / "run") is shutting_down

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from evictor.journal import Event, EventKind, Journal
-from evictor.model import CheckpointFailure
+from evictor.model import CheckpointFailure, Label
 
 NOW = 1_000_000.0
 LATER = 1_800_000_000.0
@@ -126,3 +126,17 @@ def test_pruning_keeps_what_the_planner_needs_and_stays_bounded(journal: Journal
     failure = after["a"].checkpoint_failure
     assert failure is not None and failure.count == 32 and failure.at == LATER - 21 * day
     assert journal.prune(before=LATER - 3600) == 0  # nothing more to forget
+
+
+def test_labels_keep_what_is_not_set_again(journal: Journal) -> None:
+    journal.set_label("a", Label(priority=5))
+    journal.set_label("a", Label(drain=False))
+    journal.set_label("a", Label(protected=True))
+    assert journal.labels()["a"] == Label(priority=5, protected=True, drain=False)
+
+
+def test_discards_are_counted_and_never_forgotten(journal: Journal) -> None:
+    for at in (LATER - 90 * 86400, LATER - 80 * 86400, LATER):
+        journal.record(Event(container="a", at=at, kind=EventKind.DISCARDED))
+    journal.prune(before=LATER - 3600)
+    assert journal.discards() == {"a": 3}

@@ -162,3 +162,9 @@ def test_checkpointability_is_exported_while_the_verdict_is_current() -> None:
     assert value("evictor_container_checkpointable", {"container": "c"}) == 0
     assert value("evictor_container_checkpointable", {"container": "d"}) is None
     assert value("evictor_container_checkpointable", {"container": "a"}) is None  # unchecked
+
+
+def test_discards_are_a_counter_read_from_the_journal() -> None:
+    metrics = Metrics()
+    metrics.update(dataclasses.replace(snapshot(), discards={"b": 2}))
+    assert metrics.registry.get_sample_value("evictor_discards_total", {"container": "b"}) == 2

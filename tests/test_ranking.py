@@ -333,6 +333,11 @@ def test_label_beats_rule_beats_default() -> None:
         value=7, protected=True, source="label"
     )
     assert resolve_priority("db-1", Label(protected=False), priorities).protected is False
+    # Drains take every container unless a rule or a label says otherwise, the label first.
+    stays = Priorities(rules=(Rule(match="db-*", drain=False),))
+    assert resolve_priority("web", None, stays).drain is True
+    assert resolve_priority("db-1", None, stays).drain is False
+    assert resolve_priority("db-1", Label(drain=True), stays).drain is True
 
 
 def test_eligibility_phrases() -> None:

@@ -230,6 +230,22 @@ def read_status(runtime: LxcRuntime, name: str) -> WorkloadStatus | None:
     return parse_status(line) if line.strip() else None
 
 
+def wait_for_new_incarnation(
+    runtime: LxcRuntime, name: str, *, old: WorkloadStatus, timeout_seconds: float = 60.0
+) -> WorkloadStatus:
+    """Wait for the first status of a process other than ``old``'s (after a cold
+    start the file holds the previous process's last line until the new one writes)."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        status = read_status(runtime, name)
+        if status is not None and status.incarnation != old.incarnation:
+            return status
+        time.sleep(0.1)
+    raise EvictorError(
+        f"{name}: no new workload process within {timeout_seconds:g} s", container=name
+    )
+
+
 def wait_for_counter(
     runtime: LxcRuntime, name: str, *, above: int, timeout_seconds: float = 60.0
 ) -> WorkloadStatus:

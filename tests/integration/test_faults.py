@@ -205,12 +205,7 @@ def test_a_container_started_by_hand_while_evicted_is_never_restored_over(
     checkpoint.evict(runtime, store, journal, name)
     runtime.start(name)  # an operator boots it fresh
 
-    # The status file still holds the evicted process's last line until the fresh one writes.
-    def fresh_status() -> testbed.WorkloadStatus | None:
-        status = testbed.read_status(runtime, name)
-        return status if status and status.incarnation != evicted.incarnation else None
-
-    fresh = wait_until(fresh_status, "the fresh process's first status")
+    fresh = testbed.wait_for_new_incarnation(runtime, name, old=evicted)
     with pytest.raises(InvalidState, match="image is stale and was not restored"):
         restore.restore(runtime, store, journal, name)
     assert store.image_state(name) is ImageState.COMMITTED  # kept for the operator
