@@ -204,3 +204,39 @@ def read_memory_stats(cgroup: MemoryCgroup) -> MemoryStats:
         limit_bytes=limit,
         pressure=pressure,
     )
+
+
+def tree(root: Path) -> list[Path]:
+    """``root`` and every cgroup below it."""
+    return [root, *(p.parent for p in root.rglob("*/cgroup.threads"))]
+
+
+def frozen(root: Path) -> list[Path]:
+    """The cgroup2 directories in ``root``'s tree that are frozen (``cgroup.freeze`` 1)."""
+    found = []
+    for directory in tree(root):
+        try:
+            if read_text(directory / "cgroup.freeze").strip() == "1":
+                found.append(directory)
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def stopped_threads(root: Path, proc_root: Path = Path("/proc")) -> frozenset[int]:
+    """Threads in ``root``'s tree that are stopped (``T``) or held by a tracer (``t``)."""
+    stopped = set()
+    for directory in tree(root):
+        try:
+            threads = read_text(directory / "cgroup.threads").split()
+        except OSError:
+            continue
+        for tid in threads:
+            try:
+                stat = read_text(proc_root / tid / "stat")
+            except OSError:
+                continue  # exited
+            # The state follows the command name, which is in parentheses and may hold any.
+            if stat[stat.rindex(")") + 2] in "Tt":
+                stopped.add(int(tid))
+    return frozenset(stopped)

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 FREE_SPACE_MARGIN_BYTES = 64 << 20
 FREE_SPACE_MARGIN_RATIO = 0.05
 
+# After a failed dump, how long the container's threads have to be seen running again.
+RELEASE_TIMEOUT_SECONDS = 5.0
+
 
 # A trial dump that fails for a cause that may pass is tried this often, this far apart.
 TRIAL_ATTEMPTS = 3
@@ -112,6 +115,7 @@ def evict(
         usage_bytes = runtime.memory_usage_bytes(name) or 0
         _check_room(store, name, usage_bytes)
         addresses = runtime.ipv4_addresses(name)
+        stopped_before = runtime.stopped_threads(name)  # for a rollback to tell apart
         lifecycle.move(journal, name, Managed.EVICTING, at=time.time(), reason=reason)
         phase = Phase.DUMP
         try:
@@ -142,7 +146,7 @@ def evict(
             )
         except BaseException as error:
             failure = _as_failure(error, name, phase)
-            _roll_back(runtime, store, journal, name, failure or error)
+            _roll_back(runtime, store, journal, name, failure or error, stopped_before)
             if failure is None:
                 raise
             journal.record(
@@ -243,13 +247,19 @@ def _dump_stats(image_dir: Path) -> criu.DumpStats:
 
 
 def _roll_back(
-    runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str, error: BaseException
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    name: str,
+    error: BaseException,
+    stopped_before: frozenset[int],
 ) -> None:
     """Leave the container RUNNING after a failed eviction, and say so in the log.
 
     A failed dump leaves it running (CRIU thaws it) or frozen; a failure after
     the dump (sealing, the manifest) finds it stopped with an uncommitted image,
-    which is then restored at once.
+    which is then restored at once. It is called RUNNING only once its threads
+    are seen to run (``stopped_before``: those stopped before the dump, left so).
     """
     state = runtime.state(name)
     log.warning(
@@ -279,6 +289,14 @@ def _roll_back(
         state = runtime.state(name)
     if state is ContainerState.RUNNING:
         store.discard_partial(name)
-        lifecycle.move(
-            journal, name, Managed.RUNNING, at=time.time(), reason=f"eviction failed: {error}"
+        not_running = runtime.release_threads(
+            name, stopped_before=stopped_before, timeout_seconds=RELEASE_TIMEOUT_SECONDS
         )
+        if not_running is None:
+            lifecycle.move(
+                journal, name, Managed.RUNNING, at=time.time(), reason=f"eviction failed: {error}"
+            )
+        else:
+            why = f"eviction failed and the container does not run again: {not_running}"
+            lifecycle.move(journal, name, Managed.FAILED, at=time.time(), reason=why)
+            log.error("%s: %s", name, why)

@@ -31,7 +31,8 @@ TRANSITIONS: dict[tuple[Managed, Managed], str] = {
     (RUNNING, EVICTING): "an eviction begins",
     (EVICTING, EVICTED): "its image is committed: it is stopped, its state on disk",
     (EVICTING, RUNNING): "the eviction failed or was interrupted; the container runs on",
-    (EVICTING, FAILED): "the eviction could not be undone; its image is kept aside",
+    (EVICTING, FAILED): "the eviction could not be undone (its image is kept aside, or its"
+    " threads did not run again)",
     (EVICTED, RESTORING): "a restore begins",
     (FAILED, RESTORING): "a failed restore is tried again",
     (RESTORING, RUNNING): "it runs again, restored",

@@ -8,6 +8,7 @@ every command is an argument list, never a shell string.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -132,6 +133,49 @@ class LxcRuntime:
         except FileNotFoundError:
             return None
         return f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"
+
+    def stopped_threads(self, name: str) -> frozenset[int]:
+        """Threads of the running container that are stopped or traced (none if stopped)."""
+        cgroup = self.memory_cgroup(name)
+        if cgroup is None or cgroup.unified_path is None:
+            return frozenset()
+        return cgroups.stopped_threads(cgroup.unified_path, self.proc_root)
+
+    def release_threads(
+        self, name: str, *, stopped_before: frozenset[int], timeout_seconds: float
+    ) -> str | None:
+        """Make the container's threads run again after a dump that failed midway; say
+        what still does not run, or return None: it all runs.
+
+        A CRIU killed while it held the container can leave a cgroup of it frozen
+        or threads stopped, while LXC already calls it RUNNING: each such cgroup is
+        thawed, and each thread stopped now but not before the dump gets SIGCONT.
+        """
+        cgroup = self.memory_cgroup(name)
+        if cgroup is None or cgroup.unified_path is None:
+            return None  # stopped, or cgroup v1: nothing to look at
+        root = cgroup.unified_path
+        deadline = time.monotonic() + timeout_seconds
+        continued: set[int] = set()
+        while True:
+            frozen = cgroups.frozen(root)
+            for directory in frozen:
+                log.warning("%s: thawing %s, left frozen by the failed dump", name, directory)
+                with contextlib.suppress(OSError):
+                    (directory / "cgroup.freeze").write_text("0")
+            stuck = cgroups.stopped_threads(root, self.proc_root) - stopped_before
+            for tid in stuck - continued:
+                log.warning("%s: thread %d left stopped by the failed dump: SIGCONT", name, tid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(tid, signal.SIGCONT)
+                continued.add(tid)
+            if not stuck and not frozen:
+                return None
+            if time.monotonic() > deadline:
+                still = [f"cgroup {d} frozen" for d in frozen]
+                still += [f"thread {tid} stopped" for tid in sorted(stuck)]
+                return ", ".join(still)
+            time.sleep(0.05)
 
     def thaw(self, name: str) -> None:
         if not self._container(name).unfreeze():

@@ -11,10 +11,12 @@ from evictor.cgroups import (
     CgroupVersion,
     MemoryCgroup,
     container_path,
+    frozen,
     memory_cgroup_of,
     parse_pressure,
     parse_proc_cgroup,
     read_memory_stats,
+    stopped_threads,
 )
 from evictor.model import Pressure
 
@@ -158,3 +160,22 @@ def test_this_machine_layout_is_understood() -> None:
 )
 def test_a_container_s_memory_is_its_whole_cgroup(path: str, expected: str) -> None:
     assert container_path(path, "web") == expected
+
+
+def test_frozen_cgroups_and_stopped_threads_are_found_in_the_whole_tree(tmp_path: Path) -> None:
+    root, child = tmp_path / "lxc.payload.c1", tmp_path / "lxc.payload.c1" / "init.scope"
+    child.mkdir(parents=True)
+    proc = tmp_path / "proc"
+    (root / "cgroup.freeze").write_text("0\n")
+    (child / "cgroup.freeze").write_text("1\n")
+    (root / "cgroup.threads").write_text("10\n11\n")
+    (child / "cgroup.threads").write_text("12\n13\n")
+    states = {10: "S", 11: "T", 12: "R", 13: "t"}
+    for tid, state in states.items():
+        (proc / str(tid)).mkdir(parents=True)
+        # A command name with spaces and parentheses: the state follows the last ")".
+        (proc / str(tid) / "stat").write_text(f"{tid} (a (b) c) {state} 1 2 3\n")
+    assert frozen(root) == [child]
+    assert stopped_threads(root, proc) == {11, 13}
+    (proc / "11" / "stat").unlink()  # exited meanwhile
+    assert stopped_threads(root, proc) == {13}

@@ -59,9 +59,12 @@ class WorkloadStatus:
 
     incarnation: str  # drawn at process start: unchanged across a checkpoint/restore
     pid: int
+    child: int  # a scribe's child process; 0 for others
     counter: int
-    passes: int  # complete verifications of the memory pattern
-    errors: int  # words that ever failed verification
+    passes: int  # complete verifications of the memory against the ledger
+    writes: int  # a scribe's block rewrites
+    messages: int  # a scribe's messages from its child, through the pipe
+    errors: int  # blocks, messages and children that ever failed a check
     mib: int
 
 
@@ -121,6 +124,7 @@ def create_workload_container(
     memory_mib: int,
     seed: int = 1,
     with_tty: bool = False,
+    scribe: bool = False,
     compressible: bool = False,
     fill_rate_mib_per_second: int | None = None,
     cache_dir: Path = DEFAULT_CACHE_DIR,
@@ -129,7 +133,8 @@ def create_workload_container(
 ) -> None:
     """Define (not start) a container whose init runs memhog holding ``memory_mib`` MiB
     (of incompressible memory, unless ``compressible``), filled at once or at
-    ``fill_rate_mib_per_second``.
+    ``fill_rate_mib_per_second``; a ``scribe`` keeps rewriting it and talks with a
+    child through shared memory and a pipe.
 
     With a ``network`` that has a NIC, init also runs a TCP echo server on port
     7000 (and, for DHCP, busybox udhcpc). ``unprivileged`` maps the container's
@@ -145,8 +150,10 @@ def create_workload_container(
     os.link(rootfs / "bin/busybox", rootfs / "sbin/init")
     shutil.copy2(memhog_binary(cache_dir), rootfs / "bin/memhog")
     memhog = f"/bin/memhog {memory_mib} {seed} /{STATUS_PATH}"
-    options = (["compressible"] if compressible else []) + (
-        [f"rate={fill_rate_mib_per_second}"] if fill_rate_mib_per_second else []
+    options = (
+        (["scribe"] if scribe else [])
+        + (["compressible"] if compressible else [])
+        + ([f"rate={fill_rate_mib_per_second}"] if fill_rate_mib_per_second else [])
     )
     inittab = [" ".join(["::once:" + memhog, *options])]
     if with_tty:
@@ -211,14 +218,8 @@ def _chown_tree(root: Path, owner: int) -> None:
 
 def parse_status(line: str) -> WorkloadStatus:
     fields = dict(item.split("=", 1) for item in line.split())
-    return WorkloadStatus(
-        incarnation=fields["incarnation"],
-        pid=int(fields["pid"]),
-        counter=int(fields["counter"]),
-        passes=int(fields["passes"]),
-        errors=int(fields["errors"]),
-        mib=int(fields["mib"]),
-    )
+    counts = {f.name: int(fields[f.name]) for f in dataclasses.fields(WorkloadStatus)[1:]}
+    return WorkloadStatus(incarnation=fields["incarnation"], **counts)
 
 
 def read_status(runtime: LxcRuntime, name: str) -> WorkloadStatus | None:
@@ -228,6 +229,29 @@ def read_status(runtime: LxcRuntime, name: str) -> WorkloadStatus | None:
     except FileNotFoundError:
         return None
     return parse_status(line) if line.strip() else None
+
+
+def wait_alive(
+    runtime: LxcRuntime, name: str, *, original: WorkloadStatus, timeout_seconds: float = 60.0
+) -> WorkloadStatus:
+    """Check that ``name``'s workload runs on, intact, as the process ``original`` was:
+    read now (after whatever was done to it), then wait for two more ticks of that
+    process, with no error and, for a scribe, memory rewritten and messages passed
+    since now. Returns that status; raises EvictorError naming what is wrong."""
+    now = read_status(runtime, name)
+    if now is None:
+        raise EvictorError(f"{name}: the workload never wrote its status", container=name)
+    later = wait_for_counter(runtime, name, above=now.counter + 1, timeout_seconds=timeout_seconds)
+    wrong = []
+    if later.incarnation != original.incarnation:
+        wrong.append("it is a new process (started again, not restored)")
+    if later.errors:
+        wrong.append(f"{later.errors} errors in its memory, child or pipe")
+    if original.child and (later.writes <= now.writes or later.messages <= now.messages):
+        wrong.append("it no longer rewrites its memory or hears from its child")
+    if wrong:
+        raise EvictorError(f"{name}: workload not intact: {'; '.join(wrong)}", container=name)
+    return later
 
 
 def wait_for_new_incarnation(

@@ -11,9 +11,11 @@ reason (run ``scripts/setup.sh`` first).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -29,6 +31,7 @@ from typing import TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from evictor import lxc_config
 from evictor.criu import check_criu
 from evictor.images import ImageStore
 from evictor.journal import Journal
@@ -98,7 +101,9 @@ WorkloadFactory = Callable[..., str]
 
 @pytest.fixture
 def workload(runtime: LxcRuntime) -> Iterator[WorkloadFactory]:
-    """Create and start workload containers; every one is destroyed afterwards."""
+    """Create and start workload containers; every one is destroyed afterwards. They
+    are scribes (memory rewritten all the time, a child, shared memory, a pipe)
+    unless they fill at a rate (a pressure spike)."""
     created: list[str] = []
 
     def make(
@@ -123,6 +128,7 @@ def workload(runtime: LxcRuntime) -> Iterator[WorkloadFactory]:
             network=network,
             unprivileged=unprivileged,
             fill_rate_mib_per_second=fill_rate_mib_per_second,
+            scribe=fill_rate_mib_per_second is None,
         )
         if start:
             runtime.start(name)
@@ -322,3 +328,52 @@ def _toml_value(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(value)  # strings, numbers and booleans are spelled alike
+
+
+_HOLD_SCRIPT = """#!/bin/sh
+# Hold CRIU at the armed action-script point once, until released (or 120 s).
+[ "$CRTOOLS_SCRIPT_ACTION" = "$(cat {dir}/armed 2>/dev/null)" ] || exit 0
+rm -f {dir}/armed
+touch {dir}/reached
+i=0
+while [ ! -e {dir}/release ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+rm -f {dir}/release {dir}/reached
+"""
+
+
+class CriuHold:
+    """Holds CRIU at one of its action-script points (pre-dump, post-dump,
+    pre-restore, post-resume...) so that a fault lands at a known moment: an
+    ``action-script`` among the CRIU options of the container's evictor block,
+    which evictor passes to every dump and restore of it."""
+
+    def __init__(self, runtime: LxcRuntime, name: str, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(mode=0o700)
+        script = directory / "hold.sh"
+        script.write_text(_HOLD_SCRIPT.format(dir=shlex.quote(str(directory))))
+        script.chmod(0o700)
+        config = runtime.config_path(name)
+        text, block = lxc_config.split(config.read_text())
+        block = block or lxc_config.Block()
+        option = f"action-script {script}"
+        config.write_text(
+            lxc_config.with_block(
+                text, dataclasses.replace(block, criu_options=(*block.criu_options, option))
+            )
+        )
+
+    def arm(self, action: str) -> None:
+        (self.directory / "armed").write_text(action)
+
+    def wait_reached(self, timeout_seconds: float = 90.0) -> None:
+        wait_until(lambda: (self.directory / "reached").exists(), "CRIU held", timeout_seconds)
+
+    def release(self) -> None:
+        (self.directory / "release").touch()
+
+
+@pytest.fixture
+def criu_hold(runtime: LxcRuntime, tmp_path: Path) -> Callable[[str], CriuHold]:
+    """``criu_hold(name)``: a hold for that container's CRIU runs."""
+    return lambda name: CriuHold(runtime, name, tmp_path / f"hold-{name}")

@@ -185,13 +185,14 @@ def test_a_corrupted_image_is_refused_kept_and_still_restores_once_repaired(
         image_file.seek(offset)
         image_file.write(original)
     restore.restore(runtime, store, journal, name)
-    assert testbed.wait_for_counter(runtime, name, above=1).incarnation == before.incarnation
+    testbed.wait_alive(runtime, name, original=before)
 
 
 def test_a_container_criu_cannot_dump_stays_running(
     runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
     name = workload(with_tty=True)
+    before = testbed.wait_for_counter(runtime, name, above=0)
     with pytest.raises(CheckpointFailed, match=r"CRIU dump failed: .*tty") as failure:
         checkpoint.evict(runtime, store, journal, name)
     assert failure.value.phase is Phase.DUMP
@@ -200,9 +201,7 @@ def test_a_container_criu_cannot_dump_stays_running(
     assert not store.path(name).exists()  # the partial image is gone
     (event,) = journal.events()
     assert event.kind is EventKind.EVICT_FAILED and "tty" in event.detail
-    status = testbed.read_status(runtime, name)
-    assert status is not None
-    testbed.wait_for_counter(runtime, name, above=status.counter)  # still working
+    testbed.wait_alive(runtime, name, original=before)
 
 
 def test_cli_evicts_lists_and_restores(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from evictor.tools import testbed
 
 from .conftest import (
     MIB,
+    CriuHold,
     DaemonProcess,
     WorkloadFactory,
     evictor_argv,
@@ -122,9 +123,34 @@ def test_criu_killed_mid_dump_leaves_the_container_running_and_counts_the_failur
     (event,) = journal.events()
     assert event.kind is EventKind.EVICT_FAILED
     assert journal.managed()[name].state is Managed.RUNNING
-    assert testbed.wait_for_counter(runtime, name, above=before.counter).incarnation == (
-        before.incarnation
-    )
+    testbed.wait_alive(runtime, name, original=before)
+
+
+def test_criu_killed_while_it_holds_the_dumped_container_leaves_it_running(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    criu_hold: Callable[[str], CriuHold],
+) -> None:
+    """At post-dump CRIU holds the whole container frozen and seized, its image
+    written: killed there, it leaves the container as it held it. The rollback
+    sees its threads run again before it calls it RUNNING."""
+    name = workload(memory_mib=64)
+    before = testbed.wait_for_counter(runtime, name, above=0)
+    hold = criu_hold(name)
+    hold.arm("post-dump")
+    thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
+    hold.wait_reached()
+    for pid in runtime.tools_using(store.path(name)):
+        os.kill(pid, signal.SIGKILL)
+    hold.release()
+    thread.join(timeout=120)
+    assert len(errors) == 1 and isinstance(errors[0], CheckpointFailed), errors
+    assert runtime.state(name) is ContainerState.RUNNING
+    assert journal.managed()[name].state is Managed.RUNNING
+    assert store.image_state(name) is ImageState.NONE
+    testbed.wait_alive(runtime, name, original=before)
 
 
 def test_a_store_too_small_is_refused_up_front(
@@ -159,12 +185,13 @@ def test_a_store_that_fills_up_during_the_dump_leaves_the_container_running(
     with pytest.raises(CheckpointFailed) as failure:
         checkpoint.evict(runtime, store, journal, name)
     thread.join()
-    assert "No space left on device" in str(failure.value) or failure.value.log_lines
+    # The root cause, not just some CRIU failure.
+    assert any("No space left on device" in line for line in failure.value.log_lines), (
+        failure.value.log_lines
+    )
     assert runtime.state(name) is ContainerState.RUNNING
     assert store.image_state(name) is ImageState.NONE  # the partial image is removed
-    assert testbed.wait_for_counter(runtime, name, above=before.counter).incarnation == (
-        before.incarnation
-    )
+    testbed.wait_alive(runtime, name, original=before)
 
 
 def test_a_restore_that_fails_keeps_the_image_and_reports_criu_s_reason(
@@ -188,9 +215,7 @@ def test_a_restore_that_fails_keeps_the_image_and_reports_criu_s_reason(
     assert history.restore_failures == 1  # the planner backs off before trying again
     moved.rename(memhog)
     restore.restore(runtime, store, journal, name)
-    assert testbed.wait_for_counter(runtime, name, above=before.counter).incarnation == (
-        before.incarnation
-    )
+    testbed.wait_alive(runtime, name, original=before)
 
 
 def test_a_container_started_by_hand_while_evicted_is_never_restored_over(
@@ -268,40 +293,104 @@ def test_a_cli_eviction_during_another_one_fails_cleanly(
     assert store.image_state(name) is ImageState.COMMITTED
 
 
-def test_the_daemon_killed_at_each_step_loses_nothing(
-    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
+@dataclasses.dataclass(frozen=True)
+class Interruption:
+    during: str  # "evict" or "restore": what the daemon was doing
+    held_at: str  # the CRIU action-script point where the signal lands
+    signal: signal.Signals
+    with_tools: bool  # lxc-checkpoint and criu killed too (systemd's SIGKILL of the unit)
+    logged: str  # what the daemon says of it: its own log line, or its successor's
+    memory_mib: int = 64
+
+
+INTERRUPTIONS = {
+    "killed-with-its-tools-before-the-dump": Interruption(
+        "evict", "pre-dump", signal.SIGKILL, True, "was EVICTING; RUNNING, partial image removed"
+    ),
+    "killed-after-the-dump-before-the-commit": Interruption(
+        "evict",
+        "post-dump",
+        signal.SIGKILL,
+        False,
+        "was EVICTING; its dump had completed: image sealed and committed, EVICTED",
+    ),
+    "sigterm-during-a-dump-that-completes": Interruption(
+        "evict", "post-dump", signal.SIGTERM, False, "evicted {name}"
+    ),
+    "killed-during-a-restore-before-the-verdict": Interruption(
+        "restore",
+        "pre-restore",
+        signal.SIGKILL,
+        False,
+        "was RESTORING; EVICTED with its committed image",
+        memory_mib=512,  # its memory contents take a while to verify: the kill lands first
+    ),
+    "killed-during-a-restore-after-the-verdict": Interruption(
+        "restore",
+        "post-resume",
+        signal.SIGKILL,
+        False,
+        "was RESTORING; its restore had finished: RUNNING, image removed",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
+def test_the_daemon_interrupted_at_each_step_loses_nothing(
+    case: Interruption,
+    runtime: LxcRuntime,
+    workload: WorkloadFactory,
+    daemon: Callable[[Path], DaemonProcess],
+    criu_hold: Callable[[str], CriuHold],
+    tmp_path: Path,
 ) -> None:
-    """Each step's leftovers, made for real, then the daemon's start-up reconciliation."""
-    before_dump, after_dump, mid_restore = (workload(memory_mib=32) for _ in range(3))
-    counters = {
-        n: testbed.wait_for_counter(runtime, n, above=0)
-        for n in (before_dump, after_dump, mid_restore)
-    }
-    now = time.time()
-    # Killed before the dump: the journal says EVICTING, an empty image directory.
-    journal.set_state(before_dump, Managed.EVICTING, at=now)
-    store.begin(before_dump)
-    # Killed after the dump, before the manifest: CRIU's complete image, uncommitted.
-    journal.set_state(after_dump, Managed.EVICTING, at=now)
-    runtime.checkpoint(after_dump, store.begin(after_dump))
-    # Killed during a restore: the tool, in its own session, finishes the restore.
-    checkpoint.evict(runtime, store, journal, mid_restore)
-    journal.set_state(mid_restore, Managed.RESTORING, at=now)
-    runtime.restore(mid_restore, store.path(mid_restore))
+    """CRIU is held at a point of a real eviction or restore by the daemon, the signal
+    lands there, then CRIU goes on (or is killed too). The next daemon settles
+    what it finds, and the container comes back with its workload intact."""
+    name = workload(memory_mib=case.memory_mib)
+    before = testbed.wait_for_counter(runtime, name, above=0)
+    hold = criu_hold(name)
+    state = tmp_path / "state"
+    store = ImageStore(state / "images")
 
-    settled = reconcile.reconcile(runtime, store, journal)
+    def config(budget: str) -> Path:
+        return write_config(
+            tmp_path / "evictor.toml",
+            runtime.lxc_path,
+            state,
+            free_port(),
+            triggers={"budget": budget},
+            metrics={"enabled": False},
+        )
 
-    assert len(settled) == 3
-    assert runtime.state(before_dump) is ContainerState.RUNNING
-    assert store.image_state(before_dump) is ImageState.NONE
-    assert journal.managed()[after_dump].state is Managed.EVICTED
-    assert store.image_state(after_dump) is ImageState.COMMITTED
-    assert runtime.state(mid_restore) is ContainerState.RUNNING
-    assert store.image_state(mid_restore) is ImageState.NONE
-    restore.restore(runtime, store, journal, after_dump)  # the committed image restores
-    for name, before in counters.items():
-        after = testbed.wait_for_counter(runtime, name, above=before.counter)
-        assert after.incarnation == before.incarnation and after.errors == 0
+    if case.during == "restore":
+        assert run_evictor("-c", str(config("4GiB")), "evict", name).returncode == 0
+    hold.arm(case.held_at)
+    first = daemon(config("16MiB" if case.during == "evict" else "4GiB"))
+    hold.wait_reached()
+    image_dir = store.path(name)
+    tools = runtime.tools_using(image_dir) if case.with_tools else []
+    assert first.process is not None
+    first.process.send_signal(case.signal)
+    for pid in tools:
+        os.kill(pid, signal.SIGKILL)
+    if case.held_at == "pre-restore":  # before the verdict: evictor was still verifying
+        assert not (store.gate_path(name) / "verdict").exists()
+    hold.release()
+    assert first.stop(case.signal) == (0 if case.signal is signal.SIGTERM else -signal.SIGKILL)
+    wait_until(lambda: not runtime.tools_using(image_dir), "CRIU to finish or abort")
+    if case.signal is signal.SIGTERM:  # the action completed, then the daemon stopped
+        assert case.logged.format(name=name) in first.log()
+        assert store.image_state(name) is ImageState.COMMITTED
+
+    second = daemon(config("4GiB"))  # room for it: it runs again in the end
+    if case.signal is signal.SIGKILL:
+        second.wait_for_log(f"reconciled {name}: {case.logged}")
+    wait_until(lambda: runtime.state(name) is ContainerState.RUNNING, f"{name} running")
+    assert second.stop() == 0
+    testbed.wait_alive(runtime, name, original=before)
+    assert store.image_state(name) is ImageState.NONE
+    assert not [p for p in store.root.iterdir() if not p.name.startswith(".")], "leftovers"
 
 
 def test_evictor_killed_while_criu_restores_loses_nothing(
@@ -338,8 +427,7 @@ def test_evictor_killed_while_criu_restores_loses_nothing(
         restore.restore(runtime, store, journal, name)
     assert store.image_state(name) is ImageState.NONE
     assert not store.gate_path(name).exists()
-    after = testbed.wait_for_counter(runtime, name, above=before.counter)
-    assert after.incarnation == before.incarnation and after.errors == 0
+    testbed.wait_alive(runtime, name, original=before)
 
 
 def test_restoring_an_image_evictor_did_not_write_is_refused(

@@ -75,15 +75,18 @@ def test_oscillating_load_stays_within_the_anti_thrash_bounds(
         time.sleep(TOGGLE_SECONDS)
     assert running.stop() == 0
     evictions: dict[str, int] = {}
+    restores = 0
     for event in Journal(state / "journal.db").events():
         if event.kind is EventKind.EVICTED:
             evictions[event.container] = evictions.get(event.container, 0) + 1
+        restores += event.kind is EventKind.RESTORED
     bound = most_evictions(POLICY, OSCILLATION_SECONDS)
     print(
         f"\nevictions in {OSCILLATION_SECONDS:.0f} s of pressure toggling every"
         f" {TOGGLE_SECONDS:g} s: {evictions} (anti-thrash bound per container: {bound})"
     )
-    assert sum(evictions.values()) >= 2  # the load did make evictor work
+    # The load made evictor work both ways: evicted, restored, and evicted again.
+    assert restores >= 1 and max(evictions.values(), default=0) >= 2, (evictions, restores)
     assert spike not in evictions and set(evictions) <= {victim, anchor}
     assert all(count <= bound for count in evictions.values()), evictions
 
