@@ -30,7 +30,7 @@ from evictor.journal import Event, EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
 from evictor.model import ContainerConfig, ContainerState, Managed, validate_container_name
-from evictor.reconcile import settle
+from evictor.reconcile import dump_is_complete, settle
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> ContainerCon
             " eviction; it was started outside evictor (remove the image to evict it again)",
             container=name,
         )
-    criu.check_criu()
+    criu.check_criu(verdict_file=store.criu_verdict_path)
     config = runtime.container_config(name)
     if config.idmap is not None and (blocked := store.unreachable_by(config.idmap)):
         raise PreflightError(
@@ -202,7 +202,7 @@ def trial_dump(
             raise InvalidState(
                 f"{name}: is {state.value}, only a RUNNING container can be tried", container=name
             )
-        criu.check_criu()
+        criu.check_criu(verdict_file=store.criu_verdict_path)
         trial_dir = store.trial_path(name)
         failure = None
         for attempt in range(attempts):
@@ -268,6 +268,14 @@ def _roll_back(
     if state is ContainerState.FROZEN:
         runtime.thaw(name)
         state = runtime.state(name)
+    if state is ContainerState.STOPPED and not dump_is_complete(store, name):
+        # CRIU stops a container only after a complete dump: someone else stopped
+        # it meanwhile (lxc-stop), and its running state went with that.
+        store.discard_partial(name)
+        why = f"eviction failed ({error}): stopped outside evictor meanwhile, state lost"
+        lifecycle.move(journal, name, Managed.RUNNING, at=time.time(), reason=why)
+        log.warning("%s: %s", name, why)
+        return
     if state is ContainerState.STOPPED and store.image_state(name) is not ImageState.NONE:
         try:
             runtime.restore(name, store.path(name))

@@ -6,6 +6,7 @@ are decoded here (see criu/images/stats.proto).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -153,23 +154,34 @@ def read_dump_stats(image_dir: Path) -> DumpStats:
     return parse_dump_stats((image_dir / DUMP_STATS_NAME).read_bytes())
 
 
-# Binaries, as (path, inode, mtime), that passed ``criu check`` in this process.
-_checked_binaries: set[tuple[str, int, int]] = set()
+# Binaries and boots, as keys (see _verdict_key), that passed ``criu check`` in this process.
+_checked: set[str] = set()
 
 
-def check_criu(criu: str = "criu") -> None:
+def check_criu(
+    criu: str = "criu",
+    *,
+    verdict_file: Path | None = None,
+    boot_id_file: Path = Path("/proc/sys/kernel/random/boot_id"),
+) -> None:
     """Raise PreflightError unless ``criu check`` passes on this kernel.
 
-    The check (about 70 ms) runs once per process for a given binary: the
-    kernel cannot change under a process, and a CRIU replaced meanwhile is
-    checked anew.
+    The check costs about 70 ms, on every CLI command that dumps: so a pass is
+    remembered, in this process and in ``verdict_file`` for the next ones,
+    against the binary (path, inode, mtime: a CRIU replaced is checked anew)
+    and the boot (the kernel cannot change without a reboot). A failure is
+    never remembered.
     """
     path = shutil.which(criu)
     if path is None:
         raise PreflightError(f"{criu} not found: run scripts/setup.sh to install CRIU >= 4.2")
     status = os.stat(path)
-    binary = (path, status.st_ino, status.st_mtime_ns)
-    if binary in _checked_binaries:
+    boot = boot_id_file.read_text().strip() if boot_id_file.exists() else "unknown boot"
+    key = f"{path} {status.st_ino} {status.st_mtime_ns} {boot}"
+    if key in _checked:
+        return
+    if verdict_file is not None and _read_verdict(verdict_file) == key:
+        _checked.add(key)
         return
     result = subprocess.run([path, "check"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -177,4 +189,16 @@ def check_criu(criu: str = "criu") -> None:
         raise PreflightError(
             f"'criu check' fails on this kernel: {reason[-1] if reason else 'no output'}"
         )
-    _checked_binaries.add(binary)
+    _checked.add(key)
+    if verdict_file is not None:
+        with contextlib.suppress(OSError):  # only a cache: the next command checks again
+            temporary = verdict_file.with_name(verdict_file.name + ".tmp")
+            temporary.write_text(key + "\n")
+            os.replace(temporary, verdict_file)
+
+
+def _read_verdict(verdict_file: Path) -> str | None:
+    try:
+        return verdict_file.read_text().strip()
+    except OSError:
+        return None

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -169,6 +170,7 @@ class Daemon:
         )
         self._scheduler.start()
         log.info("running: a tick every %g s", interval)
+        notify_systemd("READY=1")
 
     def stop(self) -> None:
         """Stop after the action under way, if any, and wait for it; then drain, if the
@@ -246,3 +248,20 @@ class Daemon:
                 self.reload()
         self.stop()
         return 0
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd (``Type=notify``) the daemon's state, e.g. ``READY=1``: only then
+    does it count the service as started and deliver ``systemctl reload``'s SIGHUP,
+    which would kill a process that has not yet set its handler. Nothing to do
+    outside systemd (no ``NOTIFY_SOCKET``)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+        try:
+            notify.sendto(state.encode(), address)
+        except OSError as error:
+            log.warning("could not notify systemd (%s): %s", address.lstrip("\0"), error)

@@ -514,7 +514,7 @@ class Engine:
         """Check the host, settle what was interrupted, release drained containers."""
         self.ensure_state_dir()
         self._store.ensure()
-        criu.check_criu()
+        criu.check_criu(verdict_file=self._store.criu_verdict_path)
         journal = self._journal
         reconcile.reconcile(self._runtime, self._store, journal)
         for name, managed in journal.managed().items():

@@ -19,9 +19,11 @@ import dataclasses
 import enum
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,12 @@ from evictor.model import IdMap, validate_container_name
 ROOT_MODE = 0o711
 # Files a failed restore attempt adds beside a committed image; they are not
 # part of the image, and CRIU never reads them.
+log = logging.getLogger(__name__)
+
 _RESTORE_LEFTOVERS = frozenset({"restore.log", "stats-restore"})
+# What a CRIU killed mid-restore leaves in the image directory (its working
+# directory): the "cgroup yard", a directory it mounts a tmpfs on.
+_CRIU_YARD_GLOB = ".criu.cgyard.*"
 
 
 class ImageState(enum.Enum):
@@ -285,6 +292,18 @@ class ImageStore:
             )
         return manifest
 
+    def clear_criu_leftovers(self, container: str) -> None:
+        """Remove a cgroup yard that a CRIU killed mid-restore left in the image (else
+        the image would be refused as holding an unexpected file ever after). Call
+        with the container's lock held, no CRIU at work on it."""
+        for yard in self.path(container).glob(_CRIU_YARD_GLOB):
+            # Unmounted first: the tmpfs may still be on it, in the host's namespace.
+            subprocess.run(["umount", "-l", str(yard)], capture_output=True, check=False)
+            try:
+                yard.rmdir()
+            except OSError as error:
+                log.warning("%s: could not remove CRIU's %s: %s", container, yard, error)
+
     def verify_metadata(self, manifest: Manifest) -> None:
         """Check a loaded manifest's file list, every file but the memory
         contents, and the sizes of those.
@@ -321,6 +340,11 @@ class ImageStore:
     def trial_path(self, container: str) -> Path:
         """Where ``evictor check --trial`` dumps, removed afterwards."""
         return self.root / f".{validate_container_name(container)}.trial"
+
+    @property
+    def criu_verdict_path(self) -> Path:
+        """Where a passing ``criu check`` is remembered (criu.check_criu)."""
+        return self.root / ".criu-check"
 
     def gate_path(self, container: str) -> Path:
         return self.root / f".{validate_container_name(container)}.gate"

@@ -262,7 +262,7 @@ class LxcRuntime:
         argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-D", str(image_dir)]
         result = self._run_criu(argv if leave_running else [*argv, "-s"], config.criu_options)
         if result.returncode != 0:
-            criu_errors = self._criu_errors(image_dir, "dump.log")
+            criu_errors = self._criu_errors(image_dir, "dump.log", killed=result.returncode < 0)
             lines = criu_errors or _last_output_line(result)
             raise CheckpointFailed(
                 f"{name}: CRIU dump failed: {lines[0] if lines else 'no reason logged'}",
@@ -291,7 +291,9 @@ class LxcRuntime:
         argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-r", "-d"]
         result = self._run_criu([*argv, "-D", str(image_dir)], options, environment)
         if result.returncode != 0:
-            lines = self._criu_errors(image_dir, "restore.log") or _last_output_line(result)
+            killed = result.returncode < 0
+            lines = self._criu_errors(image_dir, "restore.log", killed=killed)
+            lines = lines or _last_output_line(result)
             raise RestoreFailed(
                 f"{name}: CRIU restore failed: {lines[0] if lines else 'no reason logged'}",
                 container=name,
@@ -319,16 +321,49 @@ class LxcRuntime:
             config.write_text("".join(f"{line}\n" for line in lines))
             return self._run(argv, {**(environment or {}), "CRIU_CONFIG_FILE": str(config)})
 
-    def _criu_errors(self, image_dir: Path, log_name: str) -> tuple[str, ...]:
+    def _criu_errors(self, image_dir: Path, log_name: str, *, killed: bool) -> tuple[str, ...]:
         """CRIU's reasons from its log, once no criu still writes it: lxc-checkpoint
-        may return before a failed restore's tasks have logged why (PLATFORM.md)."""
-        deadline = time.monotonic() + CRIU_LOG_WAIT_SECONDS
+        may return before a failed restore's tasks have logged why (PLATFORM.md).
+
+        An lxc-checkpoint that was ``killed`` leaves its criu working on. A dump
+        can finish without it: the wait lasts until criu is done (or the command
+        timeout), so that what follows sees the container as criu left it. A
+        restore cannot (LXC's side of it is gone): its criu is killed.
+        """
+        wait_seconds = self.command_timeout_seconds if killed else CRIU_LOG_WAIT_SECONDS
+        deadline = time.monotonic() + wait_seconds
+        grace_ends = time.monotonic() + CRIU_LOG_WAIT_SECONDS
         while self.tools_using(image_dir) and time.monotonic() < deadline:
+            if killed and log_name == "restore.log" and time.monotonic() > grace_ends:
+                self.kill_orphaned_restore(image_dir)
             time.sleep(0.05)
         try:
             return criu.log_errors((image_dir / log_name).read_text(errors="replace"))
         except FileNotFoundError:
             return ()
+
+    def kill_orphaned_restore(self, image_dir: Path) -> list[int]:
+        """SIGKILL a ``criu restore`` of ``image_dir`` that no lxc-checkpoint drives any
+        more (killed, or its daemon was): it can never hand the container to LXC,
+        and may wait for it forever. Returns the pids killed."""
+        tools = {pid: self._argv(pid) for pid in self.tools_using(image_dir)}
+        if any(Path(argv[0]).name == "lxc-checkpoint" for argv in tools.values() if argv):
+            return []
+        orphans = [pid for pid, argv in tools.items() if "restore" in argv]
+        for pid in orphans:
+            log.warning(
+                "killing criu restore %d of %s: no lxc-checkpoint drives it", pid, image_dir
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return orphans
+
+    def _argv(self, pid: int) -> list[str]:
+        try:
+            raw = (self.proc_root / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return []  # exited meanwhile
+        return [arg.decode(errors="replace") for arg in raw.split(b"\0")]
 
     def tools_using(self, image_dir: Path) -> list[int]:
         """Pids of lxc-checkpoint or criu processes working on ``image_dir``.
@@ -480,6 +515,10 @@ done
 
 
 def _last_output_line(result: subprocess.CompletedProcess[str]) -> tuple[str, ...]:
-    """The tool's own last line of output, for a failure CRIU did not log."""
+    """The tool's own last line of output, for a failure CRIU did not log; or, for a
+    tool killed by a signal, that."""
     output = [line for line in result.stderr.splitlines() if line.strip()]
+    if result.returncode < 0 and not (output and "timed out after" in output[-1]):
+        tool = Path(str(result.args[0])).name
+        return (f"{tool} was killed ({signal.Signals(-result.returncode).name})",)
     return tuple(output[-1:])

@@ -26,7 +26,10 @@ evictor: settling first waits for any still working on the image.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import time
 
 from evictor import criu, lifecycle
@@ -41,18 +44,29 @@ log = logging.getLogger(__name__)
 
 
 def _wait_for_tools(runtime: LxcRuntime, store: ImageStore, name: str) -> None:
+    """Wait for the tools an interrupted evictor left at work on ``name``: a dump
+    may complete on its own. A restore whose lxc-checkpoint is gone cannot, and
+    is killed at once; anything still running after the command timeout too."""
+    image_dir = store.path(name)
     timeout_seconds = runtime.command_timeout_seconds
     deadline = time.monotonic() + timeout_seconds
-    while pids := runtime.tools_using(store.path(name)):
-        if time.monotonic() > deadline:
+    next_log = time.monotonic()
+    while pids := runtime.tools_using(image_dir):
+        if runtime.kill_orphaned_restore(image_dir):
+            log.warning("%s: its restore had lost its lxc-checkpoint: killed", name)
+        elif time.monotonic() > deadline:
             log.error(
-                "%s: lxc-checkpoint/criu (pids %s) still running after %.0f s",
+                "%s: killing lxc-checkpoint/criu (pids %s) after %.0f s",
                 name,
                 pids,
                 timeout_seconds,
             )
-            return
-        log.info("%s: waiting for an interrupted checkpoint or restore (pids %s)", name, pids)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        elif time.monotonic() >= next_log:
+            log.info("%s: waiting for an interrupted checkpoint or restore (pids %s)", name, pids)
+            next_log = time.monotonic() + 30
         time.sleep(0.5)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from evictor import criu
+from evictor import criu as criu_module
 from evictor.criu import check_criu
 from evictor.errors import CriuOutputError, PreflightError
 
@@ -95,6 +96,23 @@ def test_criu_check_runs_once_per_binary(tmp_path: Path) -> None:
     os.utime(binary, ns=(0, 0))  # replaced (upgraded) meanwhile: checked anew
     check_criu(str(binary))
     assert calls.read_text().count("run") == 2
+
+
+def test_a_pass_is_remembered_on_disk_for_this_boot_and_binary(tmp_path: Path) -> None:
+    binary, calls = fake_criu(tmp_path, exit_status=0)
+    verdict, boot = tmp_path / ".criu-check", tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    check_criu(str(binary), verdict_file=verdict, boot_id_file=boot)
+    criu_module._checked.clear()  # the next process
+    check_criu(str(binary), verdict_file=verdict, boot_id_file=boot)
+    assert calls.read_text().count("run") == 1
+    boot.write_text("boot-2\n")  # rebooted, maybe into another kernel: checked anew
+    check_criu(str(binary), verdict_file=verdict, boot_id_file=boot)
+    assert calls.read_text().count("run") == 2
+    (tmp_path / "other").mkdir()
+    failing, _ = fake_criu(tmp_path / "other", exit_status=1)
+    with pytest.raises(PreflightError):  # another binary's failure is not hidden by the file
+        check_criu(str(failing), verdict_file=verdict, boot_id_file=boot)
 
 
 def test_a_missing_criu_is_a_preflight_error(tmp_path: Path) -> None:

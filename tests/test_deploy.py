@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from evictor.daemon import notify_systemd
 from evictor.metrics import Metrics
 
 from .test_metrics import snapshot
@@ -111,3 +115,22 @@ def test_the_dashboard_has_the_panels_operators_need() -> None:
         "Checkpoint and restore durations",
         "Evicted containers",
     } <= titles
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_the_daemon_tells_systemd_it_is_ready(
+    abstract: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unit is Type=notify: READY=1 reaches the socket systemd names, a path or
+    an abstract one; without NOTIFY_SOCKET nothing is sent."""
+    path = f"\0evictor-test-{os.getpid()}" if abstract else str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + path[1:] if abstract else path)
+        notify_systemd("READY=1")
+        assert systemd.recv(64) == b"READY=1"
+        monkeypatch.delenv("NOTIFY_SOCKET")
+        notify_systemd("READY=1")
+        systemd.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            systemd.recv(64)

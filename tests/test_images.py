@@ -142,6 +142,18 @@ def test_a_failed_restore_leaves_logs_that_do_not_spoil_the_image(
     assert verify(store) == committed
 
 
+def test_the_cgroup_yard_of_a_killed_criu_is_cleared_before_a_restore(
+    store: ImageStore, committed: Manifest
+) -> None:
+    yard = store.path(NAME) / ".criu.cgyard.Ab12Cd"
+    yard.mkdir()  # as a CRIU killed mid-restore leaves it (here without its tmpfs)
+    with pytest.raises(CorruptImage, match="unexpected file .criu.cgyard.Ab12Cd"):
+        verify(store)
+    store.clear_criu_leftovers(NAME)
+    assert not yard.exists()
+    assert verify(store) == committed
+
+
 def test_a_missing_image_and_a_partial_one_are_not_restorable(store: ImageStore) -> None:
     with pytest.raises(NoImage, match="has no image"):
         verify(store)

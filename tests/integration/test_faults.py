@@ -153,6 +153,31 @@ def test_criu_killed_while_it_holds_the_dumped_container_leaves_it_running(
     testbed.wait_alive(runtime, name, original=before)
 
 
+def test_a_container_stopped_by_hand_during_its_dump_is_left_to_the_operator(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    criu_hold: Callable[[str], CriuHold],
+) -> None:
+    """lxc-stop while CRIU is about to dump: the state is the operator's to lose.
+    No restore from a half dump, no image kept aside: stopped, in LXC's hands."""
+    name = workload(memory_mib=32)
+    hold = criu_hold(name)
+    hold.arm("pre-dump")
+    thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
+    hold.wait_reached()
+    runtime.stop(name)
+    hold.release()
+    thread.join(timeout=120)
+    assert len(errors) == 1 and isinstance(errors[0], CheckpointFailed), errors
+    assert runtime.state(name) is ContainerState.STOPPED
+    managed = journal.managed()[name]
+    assert managed.state is Managed.RUNNING and "stopped outside evictor" in managed.reason
+    assert store.image_state(name) is ImageState.NONE
+    assert not list(store.root.glob(f".{name}.kept-*"))
+
+
 def test_a_store_too_small_is_refused_up_front(
     runtime: LxcRuntime, workload: WorkloadFactory, small_store: Path, tmp_path: Path
 ) -> None:
