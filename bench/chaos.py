@@ -15,7 +15,7 @@ between half the containers' usage and four times it, every 5-12 s. Every
 - ``fill-store``: the store filled to 16 MiB of free space for 10 s;
 - ``stop-by-hand``: ``lxc-stop`` of a running container (its state is the
   operator's to lose: it is started again, cold, by ``start-by-hand`` or at
-  the end);
+  the end); at most two at a time, so that enough is left to evict;
 - ``start-by-hand``: ``lxc-start`` of a stopped container: one stopped by hand
   starts; an evicted one must be refused by the guard, its image intact.
 
@@ -57,6 +57,7 @@ MIB = 1 << 20
 SIZES_MIB = (16, 32, 64, 128, 256, 32, 64, 16, 128, 32, 64, 16)  # a dozen, 848 MiB in all
 STORE_BYTES = 6 << 30
 READY = "running: a tick every"  # what the daemon logs once it runs
+MOST_STOPPED_BY_HAND = 2
 FAULTS = (
     "kill-daemon",
     "kill-criu",
@@ -213,6 +214,8 @@ class Chaos:
             time.sleep(10)
             filler.unlink()
             return True
+        if kind == "stop-by-hand" and len(self.stopped_by_hand) >= MOST_STOPPED_BY_HAND:
+            return False  # more would leave too little under pressure to evict
         names = list(self.expected)
         self.rng.shuffle(names)
         for name in names:
