@@ -147,7 +147,7 @@ def test_the_cgroup_yard_of_a_killed_criu_is_cleared_before_a_restore(
 ) -> None:
     yard = store.path(NAME) / ".criu.cgyard.Ab12Cd"
     yard.mkdir()  # as a CRIU killed mid-restore leaves it (here without its tmpfs)
-    with pytest.raises(CorruptImage, match="unexpected file .criu.cgyard.Ab12Cd"):
+    with pytest.raises(CorruptImage, match=r"unexpected file \.criu\.cgyard\.Ab12Cd"):
         verify(store)
     store.clear_criu_leftovers(NAME)
     assert not yard.exists()
