@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,19 +20,13 @@ from pathlib import Path
 
 import psutil
 
-from bench.fleet import fleet
+from bench.fleet import fleet, free_port
 from evictor.journal import Journal
 from evictor.model import Managed
 from evictor.tools import testbed
 
 MIB = 1 << 20
 INTERVAL_SECONDS = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,12 +49,6 @@ class Point:
     evictions: int
     eviction_seconds: tuple[float, ...]
     stall_seconds: float  # the spike's cgroup PSI some, over the spike
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def write_config(path: Path, lxc_path: Path, state: Path, policy: Mapping[str, object]) -> None:

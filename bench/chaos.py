@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.fleet import BENCH_ROOT
+from bench.fleet import BENCH_ROOT, free_port
 from evictor.errors import EvictorError
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
@@ -125,7 +124,7 @@ class Chaos:
         self.root, self.state, self.rng = root, state, rng
         self.runtime = LxcRuntime(root / "lxc")
         self.config = root / "evictor.toml"
-        self.port = _free_port()
+        self.port = free_port()
         self.daemon: subprocess.Popen[bytes] | None = None
         self.log = open(root / "daemon.log", "ab")  # noqa: SIM115 (closed in stop)
         self.expected: dict[str, testbed.WorkloadStatus] = {}  # the process each must be
@@ -367,12 +366,6 @@ def _judge(chaos: Chaos, names: list[str], report: Report) -> None:
     if chaos.samples:
         report.daemon_rss_mib = (chaos.samples[0][0], chaos.samples[-1][0])
         report.daemon_fds = (chaos.samples[0][1], chaos.samples[-1][1])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,13 @@ def fleet(count: int, *, memory_mib: int = 1, prefix: str = "evb") -> Iterator[L
         for name in runtime.names():
             runtime.destroy(name)
         shutil.rmtree(BENCH_ROOT, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port on localhost free now, for a daemon's metrics."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def timed(action: Callable[..., object], *args: object, **kwargs: object) -> float:

@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -259,14 +259,12 @@ def wait_for_new_incarnation(
 ) -> WorkloadStatus:
     """Wait for the first status of a process other than ``old``'s (after a cold
     start the file holds the previous process's last line until the new one writes)."""
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        status = read_status(runtime, name)
-        if status is not None and status.incarnation != old.incarnation:
-            return status
-        time.sleep(0.1)
-    raise EvictorError(
-        f"{name}: no new workload process within {timeout_seconds:g} s", container=name
+    return _wait_for_status(
+        runtime,
+        name,
+        lambda status: status.incarnation != old.incarnation,
+        f"no new workload process within {timeout_seconds:g} s",
+        timeout_seconds,
     )
 
 
@@ -274,13 +272,27 @@ def wait_for_counter(
     runtime: LxcRuntime, name: str, *, above: int, timeout_seconds: float = 60.0
 ) -> WorkloadStatus:
     """Wait until the workload's counter passes ``above`` and return that status."""
+    return _wait_for_status(
+        runtime,
+        name,
+        lambda status: status.counter > above,
+        f"workload counter did not pass {above} within {timeout_seconds:g} s",
+        timeout_seconds,
+    )
+
+
+def _wait_for_status(
+    runtime: LxcRuntime,
+    name: str,
+    accept: Callable[[WorkloadStatus], bool],
+    failure: str,
+    timeout_seconds: float,
+) -> WorkloadStatus:
+    """Poll the workload's status until ``accept`` takes one; else raise ``failure``."""
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
         status = read_status(runtime, name)
-        if status is not None and status.counter > above:
+        if status is not None and accept(status):
             return status
         time.sleep(0.1)
-    raise EvictorError(
-        f"{name}: workload counter did not pass {above} within {timeout_seconds:g} s",
-        container=name,
-    )
+    raise EvictorError(f"{name}: {failure}", container=name)

@@ -18,7 +18,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.fleet import free_port as free_port  # the tests take it from here
 from evictor import lxc_config
 from evictor.criu import check_criu
 from evictor.images import ImageStore
@@ -229,12 +229,6 @@ def run_evictor(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         evictor_argv(*args), capture_output=True, text=True, check=False, timeout=600
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def evictor_argv(*args: str) -> list[str]:

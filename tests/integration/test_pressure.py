@@ -32,6 +32,16 @@ def spike_filled(runtime: LxcRuntime, name: str) -> bool:
     return testbed.read_status(runtime, name) is not None
 
 
+# The PSI tests: watermarks far below what MemAvailable falls to, so that only PSI fires.
+PSI_SCENARIO_TRIGGERS: dict[str, object] = {
+    "low_watermark": "1%",
+    "high_watermark": "2%",
+    "critical_watermark": "0.5%",
+    "min_reclaim": "256MiB",
+    "predictive": False,
+}
+
+
 def add_page_cache_readers(runtime: LxcRuntime, name: str, *, file_bytes: int, count: int) -> None:
     """Make ``name`` (not started) read a file larger than the page cache left, over
     and over, with ``count`` readers: it stalls on memory (refaults, reclaim), which
@@ -146,14 +156,7 @@ def test_host_psi_evicts_the_lowest_ranked(
         runtime.lxc_path,
         state,
         free_port(),
-        triggers={
-            "low_watermark": "1%",
-            "high_watermark": "2%",
-            "critical_watermark": "0.5%",
-            "min_reclaim": "256MiB",
-            "host_psi_some_avg10": 5,
-            "predictive": False,
-        },
+        triggers={**PSI_SCENARIO_TRIGGERS, "host_psi_some_avg10": 5},
         priorities={
             "rules": [
                 {"match": mid, "priority": 10},
@@ -191,14 +194,7 @@ def test_an_important_container_s_own_psi_evicts_the_lowest_ranked(
         runtime.lxc_path,
         state,
         free_port(),
-        triggers={
-            "low_watermark": "1%",
-            "high_watermark": "2%",
-            "critical_watermark": "0.5%",
-            "min_reclaim": "256MiB",
-            "important_psi_some_avg10": 5,
-            "predictive": False,
-        },
+        triggers={**PSI_SCENARIO_TRIGGERS, "important_psi_some_avg10": 5},
         priorities={"rules": [{"match": reader, "priority": 100}]},
     )
     with Ballast(leave_bytes=1536 * MIB) as ballast:
