@@ -90,8 +90,11 @@ class Report:
             *((f"faults: {kind}", str(self.faults[kind])) for kind in (*FAULTS, "guard-refused")),
             ("containers lost (must be 0)", f"{len(self.lost)} {self.lost or ''}".strip()),
             ("containers corrupt (must be 0)", f"{len(self.corrupt)} {self.corrupt or ''}".strip()),
-            ("images left behind (must be 0)", str(len(self.leftovers))),
-            ("FAILED at the end (must be 0)", str(len(self.failed))),
+            (
+                "images left behind (must be 0)",
+                f"{len(self.leftovers)} {self.leftovers or ''}".strip(),
+            ),
+            ("FAILED at the end (must be 0)", f"{len(self.failed)} {self.failed or ''}".strip()),
             ("daemon RSS, MiB (first -> last)", f"{rss[0]:.1f} -> {rss[1]:.1f}"),
             ("daemon open fds (first -> last)", f"{fds[0]} -> {fds[1]}"),
         ]
@@ -220,7 +223,11 @@ class Chaos:
         for name in names:
             state = self.runtime.state(name)
             if kind == "stop-by-hand" and state is ContainerState.RUNNING:
-                self.runtime.stop(name)
+                # Not runtime.stop, which does nothing to a container found
+                # stopped: the daemon may evict this one first.
+                stop = ["lxc-stop", "-P", str(self.runtime.lxc_path), "-n", name, "-k"]
+                if subprocess.run(stop, capture_output=True, check=False).returncode != 0:
+                    return False
                 self.stopped_by_hand.add(name)
                 return True
             if kind == "start-by-hand" and state is ContainerState.STOPPED:
@@ -358,7 +365,9 @@ def _judge(chaos: Chaos, names: list[str], report: Report) -> None:
         if not p.name.startswith(".") or p.name.endswith((".gate", ".trial")) or ".kept-" in p.name
     ]
     journal = Journal(chaos.state / "journal.db")
-    report.failed = [n for n, m in journal.managed().items() if m.state is Managed.FAILED]
+    report.failed = [
+        f"{n} ({m.reason})" for n, m in journal.managed().items() if m.state is Managed.FAILED
+    ]
     events = journal.events()
     journal.close()
     report.evictions = sum(e.kind is EventKind.EVICTED for e in events)

@@ -27,6 +27,9 @@ from evictor.restore_gate import RestoreGate
 log = logging.getLogger(__name__)
 
 RUNNING_TIMEOUT_SECONDS = 30.0
+# Names the container in the restoring tool's environment: the pre-start guard
+# (hooks/evictor-guard) lets that start through, and no other.
+RESTORING_VARIABLE = "EVICTOR_RESTORING"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,7 +147,7 @@ def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: 
                     name,
                     store.path(name),
                     criu_options=gate.criu_options,
-                    environment=gate.environment,
+                    environment={**gate.environment, RESTORING_VARIABLE: name},
                 )
             finally:
                 verifier.join()  # never leave it writing into a removed gate

@@ -75,19 +75,21 @@ def test_the_guard_refuses_a_cold_start_of_an_evicted_container(
 
     # In the foreground with LXC's debug log on stderr, where the hook's reason is.
     debug = ("-F", "-l", "DEBUG", "-o", "/dev/stderr")
-    started = subprocess.run(
-        ["lxc-start", "-P", str(runtime.lxc_path), "-n", name, *debug],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    start = ["lxc-start", "-P", str(runtime.lxc_path), "-n", name, *debug]
+    started = subprocess.run(start, capture_output=True, text=True, check=False, timeout=60)
     assert started.returncode != 0
     assert "Failed to run lxc.hook.pre-start" in started.stderr
     assert f"run 'evictor restore {name}'" in started.stderr
     assert f"'evictor discard {name}'" in started.stderr
     assert runtime.state(name) is ContainerState.STOPPED
     assert (store.path(name) / "manifest.json").read_bytes() == manifest  # intact
+
+    # Refused as well while evictor holds the container's lock for other work (a
+    # chaos run once cold-started one so, as the daemon was about to restore it).
+    with store.lock(name):
+        started = subprocess.run(start, capture_output=True, text=True, check=False, timeout=60)
+    assert started.returncode != 0 and f"run 'evictor restore {name}'" in started.stderr
+    assert runtime.state(name) is ContainerState.STOPPED
 
     restored = evictor(runtime, state, "restore", name)  # evictor's own restore passes
     assert restored.returncode == 0, restored.stderr
