@@ -154,9 +154,12 @@ def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: 
         except RestoreFailed as failure:
             if problem:
                 raise problem[0] from None
-            if gate.was_consulted() and runtime.state(name) is ContainerState.RUNNING:
+            if gate.was_consulted() and runtime.wait_for_state(
+                name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS
+            ):
                 # lxc-checkpoint failed (killed?) but its criu went on, past the gate
-                # and its verdict: the restore is complete.
+                # and its verdict: the restore completes (LXC may call it RUNNING a
+                # moment after criu is done: a chaos run caught it just before).
                 log.warning("%s; yet CRIU completed the verified restore", failure)
                 return
             raise
