@@ -1,18 +1,21 @@
-"""Eviction and restore: evictor against the raw tools and the disk, side by side.
+"""Eviction and restore: evictor against the raw tools and the disk, side by side,
+timed the same way: each side's commands by their wall time, as an operator
+runs them.
 
-For each size, on the same container and filesystem, several rounds of:
-  - ``evictor``: checkpoint.evict (dump, seal: fdatasync + XXH3 + drop from the
-    page cache, manifest), then restore.restore (verify, restore, wait RUNNING;
-    removing the image afterwards is reported apart);
+For each size, on the same container and filesystem, ``--runs`` rounds of:
+  - ``evictor evict`` (dump, seal: fdatasync + XXH3 + drop from the page cache,
+    manifest), then ``evictor restore`` (verify, restore, wait for RUNNING,
+    remove the image); the journal gives the in-process figures (to RUNNING);
   - raw: ``lxc-checkpoint -s`` (the bare dump, which leaves the image in the page
     cache), then flushing and dropping the image (the fair baseline: the least the
-    raw tools must do to really free the memory), then ``lxc-checkpoint -r -d``;
-  - ``dd`` writing as many bytes with ``conv=fdatasync``.
-evictor and the raw tools take turns at going first.
-Medians and ratios; memory freed is free memory (MemFree plus the per-CPU free
-lists, monitor.py) and Cached, 2 s after the command.
+    raw tools must do to really free the memory), then ``lxc-checkpoint -r -d``
+    followed by the same wait for RUNNING evictor uses (liblxc's state wait).
+evictor and the raw tools take turns at going first. Medians, and the ratio of
+each round's pair: median and worst. ``dd`` writes as many bytes with
+``conv=fdatasync`` once per size; memory freed (free memory, MemFree plus the
+per-CPU free lists, and Cached, 2 s after) is read in the first round.
 
-    .venv/bin/python -m bench.bench_evict [--sizes-mib 256 1024] [--runs 3]
+    .venv/bin/python -m bench.bench_evict [--sizes-mib 16 64 256 1024 4096] [--runs 5]
 """
 
 from __future__ import annotations
@@ -21,18 +24,20 @@ import argparse
 import shutil
 import statistics
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, timed
-from evictor import checkpoint, restore
-from evictor.images import ImageStore
-from evictor.journal import Journal
+from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
+from evictor.model import ContainerState
 from evictor.monitor import read_free_bytes, read_meminfo
 from evictor.tools import testbed
 
 MIB = 1 << 20
+EVICTOR = Path(sys.executable).with_name("evictor")  # the installed command
 
 
 def dd_seconds(target: Path, megabytes: float) -> float:
@@ -47,6 +52,16 @@ def dd_seconds(target: Path, megabytes: float) -> float:
     ]
     seconds = timed(subprocess.run, argv, capture_output=True, check=True)
     target.unlink()
+    return seconds
+
+
+def command(argv: Sequence[str]) -> float:
+    """Wall seconds of one command, which must succeed."""
+    started = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed: {result.stderr.strip()}")
     return seconds
 
 
@@ -67,85 +82,120 @@ def freed_fraction(before: tuple[int, int], usage_bytes: int) -> tuple[float, fl
     return (after[0] - before[0]) / usage_bytes, (after[1] - before[1]) / usage_bytes
 
 
+class Rounds:
+    def __init__(self, runtime: LxcRuntime, name: str) -> None:
+        self.runtime, self.name = runtime, name
+        self.values: dict[str, list[float]] = {}
+        self.config = BENCH_ROOT / "evictor.toml"
+        self.state = BENCH_ROOT / "state"
+        self.config.write_text(f'lxc_path = "{runtime.lxc_path}"\nstate_dir = "{self.state}"\n')
+        self.raw_dir = BENCH_ROOT / "raw"
+        self.lxc = ("-P", str(runtime.lxc_path), "-n", name)
+
+    def add(self, key: str, value: float) -> None:
+        self.values.setdefault(key, []).append(value)
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.values[key])
+
+    def ratios(self, ours: str, raw: str) -> tuple[float, float]:
+        """Median and worst of each round's ours/raw."""
+        pairs = [a / b for a, b in zip(self.values[ours], self.values[raw], strict=True)]
+        return statistics.median(pairs), max(pairs)
+
+    def evictor(self, *args: str) -> float:
+        return command([str(EVICTOR), "-c", str(self.config), *args, self.name])
+
+    def last_event(self, kind: EventKind) -> float:
+        journal = Journal(self.state / "journal.db")
+        try:
+            events = [e for e in journal.events(container=self.name) if e.kind is kind]
+        finally:
+            journal.close()
+        return events[-1].duration_seconds or 0.0
+
+    def ours(self, *, measure_memory: bool) -> None:
+        usage = self.runtime.memory_usage_bytes(self.name) or 1
+        status = testbed.wait_for_counter(self.runtime, self.name, above=0)
+        before = memory_now()
+        self.add("evict_cli_s", self.evictor("evict"))
+        self.add("evict_s", self.last_event(EventKind.EVICTED))
+        if measure_memory:
+            free, cached = freed_fraction(before, usage)
+            self.add("evict_freed", free)
+            self.add("evict_cached", cached)
+        frozen_counter = (testbed.read_status(self.runtime, self.name) or status).counter
+        self.add("restore_cli_s", self.evictor("restore"))
+        self.add("restore_s", self.last_event(EventKind.RESTORED))
+        self.add("restore_answer_s", until_answers(self.runtime, self.name, frozen_counter))
+
+    def raw(self, *, measure_memory: bool) -> None:
+        shutil.rmtree(self.raw_dir, ignore_errors=True)
+        self.raw_dir.mkdir(mode=0o700)
+        usage = self.runtime.memory_usage_bytes(self.name) or 1
+        status = testbed.wait_for_counter(self.runtime, self.name, above=0)
+        before = memory_now()
+        bare = command(["lxc-checkpoint", *self.lxc, "-D", str(self.raw_dir), "-s"])
+        if measure_memory:
+            _, cached_bare = freed_fraction(before, usage)
+            self.add("raw_dump_cached", cached_bare)
+        self.add("raw_dump_s", bare)
+        self.add("raw_fair_s", bare + timed(flush_and_drop, self.raw_dir))
+        self.add("image_mb", sum(f.stat().st_size for f in self.raw_dir.iterdir()) / 1e6)
+        frozen_counter = (testbed.read_status(self.runtime, self.name) or status).counter
+        started = time.perf_counter()
+        command(["lxc-checkpoint", *self.lxc, "-D", str(self.raw_dir), "-r", "-d"])
+        if not self.runtime.wait_for_state(self.name, ContainerState.RUNNING, 60):
+            raise SystemExit(f"{self.name}: not RUNNING after lxc-checkpoint -r")
+        self.add("raw_restore_s", time.perf_counter() - started)
+        self.add("raw_restore_answer_s", until_answers(self.runtime, self.name, frozen_counter))
+        shutil.rmtree(self.raw_dir)
+
+
 def one_size(size_mib: int, runs: int) -> list[str]:
-    rows: dict[str, list[float]] = {}
-
-    def add(key: str, value: float) -> None:
-        rows.setdefault(key, []).append(value)
-
     with fleet(1, memory_mib=size_mib, prefix=f"evb{size_mib}") as runtime:
         (name,) = runtime.names()
-        store = ImageStore(BENCH_ROOT / "images")
-        journal = Journal(BENCH_ROOT / "journal.db")
-        raw_dir = BENCH_ROOT / "raw"
-
-        def ours() -> None:
-            usage = runtime.memory_usage_bytes(name) or 1
-            status = testbed.wait_for_counter(runtime, name, above=0)
-            before = memory_now()
-            eviction = checkpoint.evict(runtime, store, journal, name)
-            add("evict_s", eviction.duration_seconds)
-            add("dump_s", eviction.manifest.dump_duration_seconds)
-            add("frozen_s", eviction.manifest.dump_stats.frozen_time_us / 1e6)
-            add("image_mb", eviction.manifest.image_bytes / 1e6)
-            free, cached = freed_fraction(before, usage)
-            add("evict_freed", free)
-            add("evict_cached", cached)
-            frozen_counter = (testbed.read_status(runtime, name) or status).counter
-            restoration = restore.restore(runtime, store, journal, name)
-            add("restore_s", restoration.duration_seconds)
-            add("restore_cleanup_s", restoration.cleanup_seconds)
-            add("restore_answer_s", until_answers(runtime, name, frozen_counter))
-
-        def raw() -> None:
-            shutil.rmtree(raw_dir, ignore_errors=True)
-            raw_dir.mkdir(mode=0o700)
-            usage = runtime.memory_usage_bytes(name) or 1
-            status = testbed.wait_for_counter(runtime, name, above=0)
-            before = memory_now()
-            bare = timed(runtime.checkpoint, name, raw_dir)
-            _, cached_bare = freed_fraction(before, usage)
-            add("raw_dump_s", bare)
-            add("raw_dump_cached", cached_bare)
-            add("raw_fair_s", bare + timed(flush_and_drop, raw_dir))
-            frozen_counter = (testbed.read_status(runtime, name) or status).counter
-            add("raw_restore_s", timed(runtime.restore, name, raw_dir))
-            add("raw_restore_answer_s", until_answers(runtime, name, frozen_counter))
-            shutil.rmtree(raw_dir)
-
+        rounds = Rounds(runtime, name)
         for round_ in range(runs):
-            # Alternate who goes first, so neither always follows dd's write.
-            for side in (ours, raw) if round_ % 2 == 0 else (raw, ours):
-                side()
-            add("dd_s", dd_seconds(BENCH_ROOT / "dd.bin", statistics.median(rows["image_mb"])))
-        journal.close()
-    m = {key: statistics.median(values) for key, values in rows.items()}
-    image_mb = m["image_mb"]
+            # Alternate who goes first, so neither always follows the other's I/O.
+            sides = (rounds.ours, rounds.raw) if round_ % 2 == 0 else (rounds.raw, rounds.ours)
+            for side in sides:
+                side(measure_memory=round_ == 0)
+        dd = dd_seconds(BENCH_ROOT / "dd.bin", rounds.median("image_mb"))
+    m = rounds.median
+    image_mb = m("image_mb")
+    evict_cli, evict_cli_worst = rounds.ratios("evict_cli_s", "raw_fair_s")
+    evict_in, evict_in_worst = rounds.ratios("evict_s", "raw_fair_s")
+    restore_cli, restore_cli_worst = rounds.ratios("restore_cli_s", "raw_restore_s")
+    restore_in, restore_in_worst = rounds.ratios("restore_s", "raw_restore_s")
     return [
-        f"| {size_mib} MiB | evict | {m['evict_s']:.2f} s ({image_mb / m['evict_s']:.0f} MB/s),"
-        f" of which the dump {m['dump_s']:.2f} s, frozen {m['frozen_s']:.2f} s |"
-        f" bare dump {m['raw_dump_s']:.2f} s; fair"
-        f" (dump + flush + drop) {m['raw_fair_s']:.2f} s; dd {m['dd_s']:.2f} s"
-        f" ({image_mb / m['dd_s']:.0f} MB/s) | {m['evict_s'] / m['raw_fair_s']:.2f}x fair,"
-        f" {m['evict_s'] / m['raw_dump_s']:.2f}x bare; write rate"
-        f" {m['dd_s'] / m['evict_s']:.2f}x dd |",
-        f"| {size_mib} MiB | memory freed | free memory +{m['evict_freed']:.0%} of usage,"
-        f" page cache {m['evict_cached']:+.0%} | bare dump leaves page cache"
-        f" {m['raw_dump_cached']:+.0%} of usage | - |",
-        f"| {size_mib} MiB | restore | {m['restore_s']:.2f} s to RUNNING, answers after"
-        f" {m['restore_answer_s']:.2f} s more; then {m['restore_cleanup_s']:.2f} s removing the"
-        f" image | lxc-checkpoint -r {m['raw_restore_s']:.2f} s,"
-        f" answers after {m['raw_restore_answer_s']:.2f} s more |"
-        f" {m['restore_s'] / m['raw_restore_s']:.2f}x |",
+        f"| {size_mib} MiB | evict | command {m('evict_cli_s'):.2f} s, in-process"
+        f" {m('evict_s'):.2f} s ({image_mb / m('evict_s'):.0f} MB/s) |"
+        f" fair (lxc-checkpoint -s + flush + drop) {m('raw_fair_s'):.2f} s;"
+        f" bare dump {m('raw_dump_s'):.2f} s; dd {dd:.2f} s ({image_mb / dd:.0f} MB/s) |"
+        f" command {evict_cli:.2f}x fair (worst {evict_cli_worst:.2f}x), in-process"
+        f" {evict_in:.2f}x (worst {evict_in_worst:.2f}x); command"
+        f" {m('evict_cli_s') - m('raw_fair_s'):+.2f} s |",
+        f"| {size_mib} MiB | memory freed | free memory +{m('evict_freed'):.0%} of usage,"
+        f" page cache {m('evict_cached'):+.0%} | bare dump leaves page cache"
+        f" {m('raw_dump_cached'):+.0%} of usage | - |",
+        f"| {size_mib} MiB | restore | command {m('restore_cli_s'):.2f} s (image removed),"
+        f" in-process {m('restore_s'):.2f} s to RUNNING; answers after"
+        f" {m('restore_answer_s'):.2f} s more | lxc-checkpoint -r -d + wait for RUNNING"
+        f" {m('raw_restore_s'):.2f} s; answers after {m('raw_restore_answer_s'):.2f} s more |"
+        f" command {restore_cli:.2f}x (worst {restore_cli_worst:.2f}x), in-process"
+        f" {restore_in:.2f}x (worst {restore_in_worst:.2f}x); command"
+        f" {m('restore_cli_s') - m('raw_restore_s'):+.2f} s |",
     ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 64, 256, 1024, 4096])
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    print("| size | what | evictor (median) | raw tools, same run (median) | ratio |")
+    print(f"{args.runs} rounds a size")
+    print("| size | what | evictor (median) | raw tools, same run (median) | ratio, per round |")
     print("| --- | --- | --- | --- | --- |")
     for size in args.sizes_mib:
         for row in one_size(size, args.runs):

@@ -12,7 +12,10 @@ cooldown ago, unless memory is critically low, nor one ``evictor check`` found
 not checkpointable (with its current config), nor one whose checkpoints failed
 lately (an exponential backoff; at critical pressure only failures that may
 pass by themselves are retried early). The next candidates stand by: if an
-eviction fails, the round goes on with them until the target is met.
+eviction fails, the round goes on with them until the target is met. A tick's
+plan names at most ``MOST_EVICTIONS_PER_TICK`` (and as many standing by):
+evictions go one at a time, and the next tick plans the rest from a fresh
+sample, so a host with thousands of candidates plans in bounded time.
 
 The predictive trigger fires before the low watermark does, when MemAvailable
 falls fast enough to cross it sooner than the evictions it would then need can
@@ -50,6 +53,9 @@ from evictor.model import (
 )
 
 _MIB = 1 << 20
+# Evictions (and standby candidates) a tick's plan names at most: each takes
+# 0.3 s or more, so a tick never gets through more; the next tick plans again.
+MOST_EVICTIONS_PER_TICK = 16
 # A slower fall is noise (other processes, the page cache), not a spike.
 MIN_FALL_BYTES_PER_SECOND = 32 * _MIB
 
@@ -369,7 +375,16 @@ def plan(
     notes: list[str] = []
     if triggers:
         evictions, standby = _choose_evictions(
-            running, priorities, histories, config, now, need, critical, in_need, notes
+            running,
+            priorities,
+            histories,
+            config,
+            now,
+            need,
+            critical,
+            in_need,
+            notes,
+            most=MOST_EVICTIONS_PER_TICK,
         )
         return Plan(
             triggers=tuple(triggers),
@@ -412,8 +427,10 @@ def _choose_evictions(
     critical: bool,
     excluded: set[str],
     notes: list[str],
+    most: int | None = None,
 ) -> tuple[tuple[Decision, ...], tuple[Decision, ...]]:
-    """The evictions that reach ``need``, and as many again standing by."""
+    """The evictions that reach ``need``, and as many again standing by; ``most``
+    of each, if given."""
     # (priority, last checkpoint failed, -usage, name): names are unique, so the
     # tuples alone order the candidates. A heap pops the few needed without
     # sorting them all (hosts with thousands of containers evict a handful).
@@ -465,13 +482,13 @@ def _choose_evictions(
     chosen: list[Decision] = []
     standby: list[Decision] = []
     reclaimed = standing_by = 0
-    while ranked and standing_by < need:
+    while ranked and standing_by < need and (most is None or len(standby) < most):
         value, failed, negative_usage, name = heapq.heappop(ranked)
         usage = -negative_usage
         why = f"lowest-ranked (priority {value}, {usage // _MIB} MiB)"
         if failed:
             why += f"; its {describe_checkpoint_failure(failures[name])}"
-        if reclaimed < need:
+        if reclaimed < need and (most is None or len(chosen) < most):
             reclaimed += usage
             role, decisions = f"reclaiming {need // _MIB} MiB", chosen
         else:
@@ -486,7 +503,12 @@ def _choose_evictions(
                 reason=f"{why}; {role}",
             )
         )
-    if reclaimed < need:
+    if reclaimed < need and most is not None and len(chosen) >= most:
+        notes.append(
+            f"{len(chosen)} evictions this tick free {reclaimed // _MIB} of {need // _MIB} MiB;"
+            " the next tick plans the rest"
+        )
+    elif reclaimed < need:
         notes.append(
             f"target not reachable: evicting every candidate frees"
             f" {reclaimed // _MIB} of {need // _MIB} MiB"

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evictor import ranking
 from evictor.config import AntiThrash, Config, Priorities, Rule, Size, Triggers, parse_config
 from evictor.model import (
     CheckpointFailure,
@@ -206,6 +207,21 @@ def test_candidates_beyond_the_target_stand_by_in_order() -> None:
     # If "a" fails, "b" and then "c" make up for it: standby covers the target again.
     assert [d.container for d in result.standby] == ["b", "c"]
     assert "stands by in case an eviction above fails" in result.standby[0].reason
+
+
+def test_a_tick_plans_a_bounded_number_of_evictions() -> None:
+    # 1000 containers of 10 MiB, 4 GiB over the budget: far more candidates are needed
+    # than a tick can evict; the plan names the first few, lowest-ranked first.
+    config = parse_config({"triggers": {"budget": "6GiB"}})
+    containers = [running(f"c{i:04d}", 10) for i in range(1000)]
+    priorities = {c.name: prio(i) for i, c in enumerate(containers)}
+    result = run_plan(8000, containers, priorities, config=config)
+    most = ranking.MOST_EVICTIONS_PER_TICK
+    assert evicted_names(result) == [f"c{i:04d}" for i in range(most)]
+    assert [d.container for d in result.standby] == [f"c{i:04d}" for i in range(most, 2 * most)]
+    assert result.reclaim_planned_bytes < result.reclaim_target_bytes
+    assert f"{most} evictions this tick free {most * 10} of" in " ".join(result.notes)
+    assert not any("not reachable" in note for note in result.notes)
 
 
 def test_a_failed_checkpoint_is_backed_off_and_the_next_candidate_taken() -> None:
