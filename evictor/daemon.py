@@ -132,6 +132,7 @@ class Daemon:
             now=now,
             last_pressure_at=self.last_pressure_at,
             recent_available=tuple(self._recent_available),
+            detail=False,
         )
         self._recent_available.append((now, assessment.sample.host.available_bytes))
         if assessment.plan.pressure:

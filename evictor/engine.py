@@ -213,8 +213,8 @@ class Engine:
 
     # --- looking ---
 
-    def sample(self) -> Sample:
-        return self._monitor.sample()
+    def sample(self, *, detail: bool = True) -> Sample:
+        return self._monitor.sample(detail=detail)
 
     def assess(
         self,
@@ -222,15 +222,17 @@ class Engine:
         now: float,
         last_pressure_at: float | None,
         recent_available: Sequence[tuple[float, int]] = (),
+        detail: bool = True,
     ) -> Assessment:
         """Sample the host and plan; ``last_pressure_at`` is when a trigger last fired,
-        ``recent_available`` MemAvailable at the last ticks, (time, bytes), for the trend.
+        ``recent_available`` MemAvailable at the last ticks, (time, bytes), for the trend;
+        ``detail``: sample the containers' working sets and limits too (Monitor.sample).
 
         Drained containers stay evicted whatever the room (until a restart or
         ``resume``). The journal is read once, for the plan and for whoever
         reports on it.
         """
-        sample = self.sample()
+        sample = self.sample(detail=detail)
         trend = self._trend(now, sample.host.available_bytes, recent_available)
         priorities = self.priorities(c.name for c in sample.containers)
         histories = self._histories(now)

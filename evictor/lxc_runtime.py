@@ -89,7 +89,7 @@ class LxcRuntime:
         return self.state_and_pid(name)[1]
 
     def state_and_pid(self, name: str) -> tuple[ContainerState, int | None]:
-        """State and init pid from one liblxc handle (the monitor's hot path)."""
+        """State and init pid from one liblxc handle."""
         container = self._container(name)
         pid = int(container.init_pid)
         return ContainerState(container.state), pid if pid > 0 else None
@@ -129,7 +129,7 @@ class LxcRuntime:
         """Identifies the version of the container's LXC config file (a stat, no read:
         the monitor asks every tick); None if it has none."""
         try:
-            status = os.stat(self.lxc_path / name / "config")
+            status = os.stat(f"{self.lxc_path}/{name}/config")
         except FileNotFoundError:
             return None
         return f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"

@@ -75,10 +75,11 @@ class ContainerSample:
     evicted: bool = False  # STOPPED with a committed image
     stale_image: bool = False  # RUNNING although it has a committed image: started by hand
     usage_bytes: int = 0  # cgroup usage: anonymous memory, page cache, kernel memory
+    # Read in a detailed sample only (not the daemon's ticks): 0 and None otherwise.
     working_set_bytes: int = 0  # usage minus inactive file cache, as the kubelet counts it
     anon_bytes: int = 0
     file_bytes: int = 0
-    limit_bytes: int | None = None  # None: unlimited
+    limit_bytes: int | None = None  # None: unlimited, or not read
     pressure: Pressure | None = None  # the cgroup's own PSI, where exposed
     evicted_usage_bytes: int | None = None  # usage recorded at eviction
     image_bytes: int | None = None

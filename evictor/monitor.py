@@ -15,6 +15,7 @@ again for memory the last eviction already freed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import psutil
@@ -97,23 +98,27 @@ class Monitor:
         self.runtime = runtime
         self.store = store
         self.proc_root = proc_root
-        # A container's cgroup is fixed while its init lives: found once per init pid.
-        self._cgroups: dict[tuple[str, int], cgroups.MemoryCgroup | None] = {}
+        # A container's cgroup is fixed while its init lives: found once per init,
+        # {name: (init pid, cgroup)}; the init is looked up again once that pid is gone.
+        self._cgroups: dict[str, tuple[int, cgroups.MemoryCgroup | None]] = {}
 
-    def sample(self, *, skip: frozenset[str] = frozenset()) -> Sample:
+    def sample(self, *, skip: frozenset[str] = frozenset(), detail: bool = True) -> Sample:
         """Sample the host and every container but those in ``skip``.
 
         A container that is starting cannot be asked for its state while its
         pre-start hook runs (its monitor is busy with the hook), hence ``skip``.
+        Without ``detail`` (the daemon's ticks), a container's memory is its usage
+        and PSI only: the working set, anon/file split and limit cost the kernel a
+        walk of its memory.stat, and only ``evictor status`` shows them.
         """
         images = {image.container: image for image in self.store.images()}
         containers = []
-        seen: dict[tuple[str, int], cgroups.MemoryCgroup | None] = {}
+        seen: dict[str, tuple[int, cgroups.MemoryCgroup | None]] = {}
         for name in self.runtime.names():
             if name in skip:
                 continue
             try:
-                containers.append(self._sample_container(name, images.get(name), seen))
+                containers.append(self._sample_container(name, images.get(name), seen, detail))
             except ContainerNotFound:
                 continue  # deleted between the listing and the sample
         self._cgroups = seen
@@ -123,29 +128,48 @@ class Monitor:
             host=sample_host(self.proc_root), containers=tuple(containers), orphan_images=orphans
         )
 
-    def _memory_cgroup(self, name: str, pid: int) -> cgroups.MemoryCgroup | None:
-        key = (name, pid)
-        if key not in self._cgroups:
-            self._cgroups[key] = cgroups.memory_cgroup_of(
-                pid, proc_root=self.proc_root, cgroup_root=self.runtime.cgroup_root, container=name
+    def _memory_cgroup(
+        self, name: str, seen: dict[str, tuple[int, cgroups.MemoryCgroup | None]]
+    ) -> cgroups.MemoryCgroup | None:
+        """The running container's memory cgroup: asked of LXC (its init pid) only when
+        the init last seen has gone, so that a tick costs one LXC query a container."""
+        cached = self._cgroups.get(name)
+        if cached is None or not os.path.exists(f"{self.proc_root}/{cached[0]}"):
+            pid = self.runtime.init_pid(name)
+            if pid is None:
+                return None
+            cached = (
+                pid,
+                cgroups.memory_cgroup_of(
+                    pid,
+                    proc_root=self.proc_root,
+                    cgroup_root=self.runtime.cgroup_root,
+                    container=name,
+                ),
             )
-        return self._cgroups[key]
+        seen[name] = cached
+        return cached[1]
 
     def _sample_container(
         self,
         name: str,
         image: StoredImage | None,
-        seen: dict[tuple[str, int], cgroups.MemoryCgroup | None],
+        seen: dict[str, tuple[int, cgroups.MemoryCgroup | None]],
+        detail: bool,
     ) -> ContainerSample:
-        state, pid = self.runtime.state_and_pid(name)
+        state = self.runtime.state(name)
         config_digest = self.runtime.config_digest(name)
-        if state in (ContainerState.RUNNING, ContainerState.FROZEN) and pid is not None:
-            cgroup = seen[(name, pid)] = self._memory_cgroup(name, pid)
+        if state in (ContainerState.RUNNING, ContainerState.FROZEN):
+            cgroup = self._memory_cgroup(name, seen)
             if cgroup is not None:
                 try:
-                    stats = cgroups.read_memory_stats(cgroup)
+                    stats = (
+                        cgroups.read_memory_stats(cgroup)
+                        if detail
+                        else cgroups.read_usage_and_pressure(cgroup)
+                    )
                 except FileNotFoundError:
-                    pass  # stopped while we read it: sampled as it is next tick
+                    seen.pop(name, None)  # stopped while we read it: sampled as it is next tick
                 else:
                     return ContainerSample(
                         name=name,
