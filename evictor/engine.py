@@ -19,13 +19,11 @@ import statistics
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from evictor import checkpoint, criu, inspection, reconcile, restore
-from evictor import prepare as preparing
+from evictor import checkpoint, criu, reconcile, restore
 from evictor.config import Config
-from evictor.diagnosis import Finding, HostFacts, diagnose
 from evictor.errors import EvictorError, ImageError, PreflightError, UsageError
 from evictor.images import ImageStore
 from evictor.journal import Journal, ManagedContainer
@@ -40,7 +38,6 @@ from evictor.model import (
     validate_container_name,
 )
 from evictor.monitor import DEFAULT_PROC_ROOT, Monitor, Sample
-from evictor.prepare import Prepared
 from evictor.ranking import (
     Action,
     Decision,
@@ -53,6 +50,10 @@ from evictor.ranking import (
     resolve_priority,
 )
 from evictor.restore import Discarded
+
+if TYPE_CHECKING:
+    from evictor.diagnosis import Finding, HostFacts
+    from evictor.prepare import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -333,6 +334,9 @@ class Engine:
         """Is ``name`` checkpointable here? Every reason it is not, with its remedy,
         from its config, rootfs and tasks (nothing frozen); ``trial`` adds a real dump
         that leaves it running. The verdict is remembered for the planner and status."""
+        from evictor import inspection  # imported here: the CLI starts faster
+        from evictor.diagnosis import diagnose
+
         validate_container_name(name)
         facts = inspection.container_facts(self._runtime, name, proc_root=self._proc_root)
         report = CheckReport(
@@ -364,6 +368,8 @@ class Engine:
     ) -> Prepared:
         """Apply the remedies ``check`` marks safe (or undo them); restart the container
         so that they apply, if asked to."""
+        from evictor import prepare as preparing  # imported here: the CLI starts faster
+
         if undo:
             prepared = preparing.undo(self._runtime, self._store, name, dry_run=dry_run)
         else:
@@ -400,10 +406,14 @@ class Engine:
     def guard_hook(self) -> str:
         """The LXC pre-start hook line that refuses a cold start while the container
         holds a committed image (``lxc.hook.pre-start = ...``)."""
+        from importlib import resources  # imported here: the CLI starts faster
+
         guard = resources.files("evictor").joinpath("hooks/evictor-guard")
         return f"{shlex.quote(str(guard))} {shlex.quote(str(self.config.state_dir))}"
 
     def _host_facts(self) -> HostFacts:
+        from evictor import inspection  # imported here: the CLI starts faster
+
         return inspection.host_facts(proc_root=self._proc_root, cgroup_root=self._cgroup_root)
 
     def discard(self, name: str) -> Discarded:

@@ -1,6 +1,6 @@
 """Sample host and container memory: one sample per tick.
 
-Host figures come from psutil, PSI from /proc/pressure/memory; container
+Host figures come from /proc/meminfo, PSI from /proc/pressure/memory; container
 figures from each container's memory cgroup (v1 or v2, found from its init's
 /proc/PID/cgroup) and, for evicted containers, from their image's manifest.
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-
-import psutil
 
 from evictor import cgroups
 from evictor.errors import ContainerNotFound
@@ -51,7 +49,7 @@ def parse_meminfo(text: str) -> dict[str, int]:
 
 
 def read_meminfo(proc_root: Path = DEFAULT_PROC_ROOT) -> dict[str, int]:
-    """The kernel's own figures, for checks that must not trust psutil's arithmetic."""
+    """The kernel's own figures, {field: bytes}."""
     return parse_meminfo((proc_root / "meminfo").read_text())
 
 
@@ -77,16 +75,16 @@ def read_free_bytes(proc_root: Path = DEFAULT_PROC_ROOT) -> int:
 
 
 def sample_host(proc_root: Path = DEFAULT_PROC_ROOT) -> HostSample:
-    memory = psutil.virtual_memory()
-    swap = psutil.swap_memory()
+    meminfo = parse_meminfo(cgroups.read_text(proc_root / "meminfo"))
     per_cpu_free_bytes = read_per_cpu_free_bytes(proc_root)
     return HostSample(
-        total_bytes=memory.total,
-        available_bytes=memory.available + per_cpu_free_bytes,
-        free_bytes=memory.free + per_cpu_free_bytes,
-        cached_bytes=memory.cached,
-        swap_total_bytes=swap.total,
-        swap_free_bytes=swap.free,
+        total_bytes=meminfo["MemTotal"],
+        available_bytes=meminfo["MemAvailable"] + per_cpu_free_bytes,
+        free_bytes=meminfo["MemFree"] + per_cpu_free_bytes,
+        # Reclaimable slab counts as cache, as free(1) and psutil count it.
+        cached_bytes=meminfo["Cached"] + meminfo.get("SReclaimable", 0),
+        swap_total_bytes=meminfo.get("SwapTotal", 0),
+        swap_free_bytes=meminfo.get("SwapFree", 0),
         pressure=cgroups.read_pressure(proc_root / "pressure" / "memory"),
     )
 
