@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,12 +57,15 @@ def dd_seconds(target: Path, megabytes: float) -> float:
 
 
 def command(argv: Sequence[str]) -> float:
-    """Wall seconds of one command, which must succeed."""
-    started = time.perf_counter()
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{argv[0]} failed: {result.stderr.strip()}")
+    """Wall seconds of one command, which must succeed. Its output goes to a file: a
+    restored container's monitor inherits it, and would hold a pipe open."""
+    with tempfile.TemporaryFile(mode="w+") as output:
+        started = time.perf_counter()
+        returncode = subprocess.call(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+        seconds = time.perf_counter() - started
+        if returncode != 0:
+            output.seek(0)
+            raise SystemExit(f"{argv[0]} failed: {output.read().strip()}")
     return seconds
 
 

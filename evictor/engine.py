@@ -154,6 +154,7 @@ class Engine:
         self._runtime = LxcRuntime(config.lxc_path, proc_root=proc_root, cgroup_root=cgroup_root)
         self._store = ImageStore(config.image_dir)
         self._monitor = Monitor(self._runtime, self._store, proc_root)
+        self._store.remove_set_aside()  # what a killed evictor left
 
     @functools.cached_property
     def _journal(self) -> Journal:
@@ -319,6 +320,7 @@ class Engine:
             return Outcome(
                 container=name, action=Action.RESTORE, cause=cause, reason=reason, error=error
             )
+        self._store.remove_set_aside()
         return Outcome(
             container=name,
             action=Action.RESTORE,

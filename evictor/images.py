@@ -40,6 +40,8 @@ ROOT_MODE = 0o711
 # Files a failed restore attempt adds beside a committed image; they are not
 # part of the image, and CRIU never reads them.
 log = logging.getLogger(__name__)
+# Names an image set aside for removal: ".NAME.removing-<ns>" in the store.
+SET_ASIDE_MARK = ".removing-"
 
 _RESTORE_LEFTOVERS = frozenset({"restore.log", "stats-restore"})
 # What a CRIU killed mid-restore leaves in the image directory (its working
@@ -354,6 +356,32 @@ class ImageStore:
         shutil.rmtree(self.path(container), ignore_errors=False)
         shutil.rmtree(self.gate_path(container), ignore_errors=True)
         fsync_directory(self.root)
+
+    def set_aside(self, container: str) -> None:
+        """Take the image (and its gate) out of the store at once, by a rename: a
+        restore is done when the container runs, not when gigabytes of its image
+        and their page cache are freed (``remove_set_aside``)."""
+        name = validate_container_name(container)
+        os.rename(self.path(name), self.root / f".{name}{SET_ASIDE_MARK}{time.time_ns()}")
+        shutil.rmtree(self.gate_path(name), ignore_errors=True)
+        fsync_directory(self.root)
+
+    def remove_set_aside(self) -> None:
+        """Delete what ``set_aside`` left (or a killed evictor did), in the background:
+        an ``rm`` of its own session, which outlives a CLI that returns at once."""
+        entries = [
+            str(p)
+            for p in (self.root.iterdir() if self.root.is_dir() else ())
+            if SET_ASIDE_MARK in p.name
+        ]
+        if entries:
+            subprocess.Popen(  # argv of paths the store made: no shell
+                ["rm", "-rf", "--", *entries],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def discard_partial(self, container: str) -> None:
         """Remove a dump that was never committed; a committed image is never touched."""

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import select
 import signal
 import subprocess
 import tempfile
@@ -434,11 +435,8 @@ class LxcRuntime:
                 start_new_session=True,
                 env={**os.environ, **environment} if environment else None,
             )
-            timed_out = False
             try:
-                process.wait(timeout=self.command_timeout_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
+                timed_out = not _wait_for_exit(process, self.command_timeout_seconds)
             except BaseException:
                 # Interrupted (Ctrl-C): never leave criu running behind us.
                 os.killpg(process.pid, signal.SIGKILL)
@@ -452,6 +450,22 @@ class LxcRuntime:
         if timed_out:
             text += f"\n{argv[0]} timed out after {self.command_timeout_seconds:g} s\n"
         return subprocess.CompletedProcess(argv, process.returncode, "", text)
+
+
+def _wait_for_exit(process: subprocess.Popen[bytes], timeout_seconds: float) -> bool:
+    """Wait for ``process`` to end, for up to ``timeout_seconds``; return whether it did.
+
+    Woken by the kernel when it ends (a pidfd): ``Popen.wait(timeout=)`` polls,
+    sleeping up to 50 ms between looks, which cost each command 25 ms on average.
+    """
+    pidfd = os.pidfd_open(process.pid)
+    try:
+        ended = bool(select.select([pidfd], [], [], timeout_seconds)[0])
+    finally:
+        os.close(pidfd)
+    if ended:
+        process.wait()
+    return ended
 
 
 def _integer(text: str) -> int:

@@ -153,8 +153,9 @@ def _settle_in_flight(
         state = runtime.state(name)
     image = store.image_state(name)
     if state is ContainerState.RUNNING:
-        if was is Managed.RESTORING and image is ImageState.COMMITTED:
-            store.discard(name)
+        if was is Managed.RESTORING:
+            if image is ImageState.COMMITTED:
+                store.discard(name)
             lifecycle.move(journal, name, Managed.RUNNING, at=now, reason="restored", drained=False)
             return "its restore had finished: RUNNING, image removed"
         store.discard_partial(name)

@@ -3,8 +3,8 @@
 The image is verified against its manifest before any restored process runs:
 everything but the memory contents before CRIU starts, the memory contents
 while CRIU reads them, with CRIU held at post-restore until they check out
-(restore_gate.py). The image is removed only once the container is RUNNING
-again; on any failure it stays as it was.
+(restore_gate.py). The image is set aside (renamed) only once the container is
+RUNNING again, and deleted in the background; on any failure it stays as it was.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ RESTORING_VARIABLE = "EVICTOR_RESTORING"
 class Restoration:
     manifest: Manifest
     duration_seconds: float  # verification, restore and the wait for RUNNING
-    cleanup_seconds: float  # removing the image afterwards (freeing its page cache)
+    cleanup_seconds: float  # setting the image aside afterwards, for its removal
     evicted_seconds: float  # how long the container was evicted
 
 
@@ -81,7 +81,7 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
             raise
         running_after = time.monotonic() - started
         cleanup_started = time.monotonic()
-        store.discard(name)
+        store.set_aside(name)  # removed in the background: store.remove_set_aside
         lifecycle.move(
             journal, name, Managed.RUNNING, at=time.time(), reason="restored", drained=False
         )

@@ -5,6 +5,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,19 @@ def test_quarantine_sets_an_image_aside(store: ImageStore) -> None:
     assert store.image_state(NAME) is ImageState.NONE
     assert (kept / "pages-1.img").read_bytes() == b"state"
     assert [image.container for image in store.images()] == []
+
+
+def test_a_restored_image_is_set_aside_at_once_and_removed_in_the_background(
+    store: ImageStore, committed: Manifest
+) -> None:
+    store.set_aside(NAME)
+    assert store.image_state(NAME) is ImageState.NONE and store.images() == []
+    (aside,) = [p for p in store.root.iterdir() if p.name.startswith(f".{NAME}.removing-")]
+    store.remove_set_aside()
+    deadline = time.monotonic() + 10
+    while aside.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not aside.exists()
 
 
 def test_images_lists_committed_and_partial(store: ImageStore, committed: Manifest) -> None:
