@@ -359,6 +359,42 @@ class LxcRuntime:
                 os.kill(pid, signal.SIGKILL)
         return orphans
 
+    def restore_leftovers(self, directory: Path) -> list[int]:
+        """Pids of the tasks a killed ``criu restore`` left behind from the images in
+        ``directory``: restored but never set running, they hold CRIU's log open (an
+        fd into the image), block every signal but SIGKILL, keep their memory, and
+        sit in a cgroup of their own ("lxc.payload.NAME-2") that LXC no longer knows.
+        The tools still at work on an image, and this process, are not counted."""
+        prefix = f"{directory}/"
+        spared = {os.getpid(), *self.tools_using(directory)}
+        found = []
+        for entry in self.proc_root.iterdir():
+            if not entry.name.isdigit() or int(entry.name) in spared:
+                continue
+            try:
+                fds = os.listdir(entry / "fd")
+            except OSError:
+                continue  # exited meanwhile
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    if os.readlink(entry / "fd" / fd).startswith(prefix):
+                        found.append(int(entry.name))
+                        break
+        return found
+
+    def kill_restore_leftovers(self, image_dir: Path) -> list[int]:
+        """SIGKILL what ``restore_leftovers`` finds: a container restored again from
+        the image would otherwise run beside a frozen copy of itself."""
+        pids = self.restore_leftovers(image_dir)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if pids:
+            log.warning(
+                "killed %d tasks a killed criu restore left behind from %s", len(pids), image_dir
+            )
+        return pids
+
     def _argv(self, pid: int) -> list[str]:
         try:
             raw = (self.proc_root / str(pid) / "cmdline").read_bytes()

@@ -14,7 +14,8 @@ complete committed image, or FAILED with its image kept for the operator:
   and ``inventory.img`` only when it succeeds): the image is sealed and
   committed, as the eviction would have done.
 - RESTORING, container RUNNING: the restore finished; the image is removed.
-- RESTORING, container STOPPED: still EVICTED; the planner will try again.
+- RESTORING, container STOPPED: still EVICTED; the planner will try again. The
+  tasks a killed criu had restored but never set running are killed first.
 - EVICTED or FAILED, container RUNNING without a committed image: it was
   started outside evictor and its image is gone: RUNNING.
 - RUNNING, container STOPPED with a committed image the journal has no record
@@ -152,6 +153,8 @@ def _settle_in_flight(
         runtime.thaw(name)
         state = runtime.state(name)
     image = store.image_state(name)
+    if was is Managed.RESTORING and state is not ContainerState.RUNNING:
+        runtime.kill_restore_leftovers(store.path(name))
     if state is ContainerState.RUNNING:
         if was is Managed.RESTORING:
             if image is ImageState.COMMITTED:

@@ -72,6 +72,8 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
                     phase=Phase.WAIT,
                 )
         except (RestoreFailed, CorruptImage) as error:
+            if runtime.state(name) is not ContainerState.RUNNING:
+                runtime.kill_restore_leftovers(store.path(name))
             detail = str(error).removeprefix(f"{name}: ")
             failed_at = time.time()
             journal.record(

@@ -455,6 +455,47 @@ def test_evictor_killed_while_criu_restores_loses_nothing(
     testbed.wait_alive(runtime, name, original=before)
 
 
+def test_criu_killed_at_post_restore_leaves_no_frozen_copy(
+    runtime: LxcRuntime,
+    workload: WorkloadFactory,
+    criu_hold: Callable[[str], CriuHold],
+    tmp_path: Path,
+) -> None:
+    """CRIU SIGKILLed at post-restore, where evictor's gate holds it while the memory
+    is verified: the container's tasks are restored but never set running, and
+    nothing else would ever end them (a chaos run found such frozen copies holding
+    their memory). The failed restore kills them and keeps the image; the next
+    restore brings the container back intact."""
+    name = workload(memory_mib=64)
+    before = testbed.wait_for_counter(runtime, name, above=0)
+    hold = criu_hold(name)
+    state_dir = tmp_path / "state"
+    config = write_config(tmp_path / "evictor.toml", runtime.lxc_path, state_dir, free_port())
+    store = ImageStore(state_dir / "images")
+    assert run_evictor("-c", str(config), "evict", name).returncode == 0
+    hold.arm("post-restore")
+    restoring = subprocess.Popen(
+        evictor_argv("-c", str(config), "restore", name),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    hold.wait_reached()
+    image_dir = store.path(name)
+    for pid in runtime.tools_using(image_dir):
+        if Path(f"/proc/{pid}/exe").resolve().name == "criu":
+            os.kill(pid, signal.SIGKILL)
+    hold.release()
+    _, error = restoring.communicate(timeout=120)
+    assert restoring.returncode == 1, error
+    assert runtime.state(name) is ContainerState.STOPPED
+    assert store.image_state(name) is ImageState.COMMITTED
+    assert runtime.restore_leftovers(store.root) == [], "frozen tasks left behind"
+
+    assert run_evictor("-c", str(config), "restore", name).returncode == 0
+    testbed.wait_alive(runtime, name, original=before)
+
+
 def test_restoring_an_image_evictor_did_not_write_is_refused(
     runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
