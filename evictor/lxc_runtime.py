@@ -364,12 +364,16 @@ class LxcRuntime:
         ``directory``: restored but never set running, they hold CRIU's log open (an
         fd into the image), block every signal but SIGKILL, keep their memory, and
         sit in a cgroup of their own ("lxc.payload.NAME-2") that LXC no longer knows.
-        The tools still at work on an image, and this process, are not counted."""
+        Only tasks in a PID namespace other than the host's count: not the tools still
+        at work on an image, nor an operator reading its log."""
         prefix = f"{directory}/"
-        spared = {os.getpid(), *self.tools_using(directory)}
+        try:
+            host_pid_namespace = os.readlink(self.proc_root / "self" / "ns" / "pid")
+        except OSError:
+            return []  # not a real /proc: nothing to tell them by
         found = []
         for entry in self.proc_root.iterdir():
-            if not entry.name.isdigit() or int(entry.name) in spared:
+            if not entry.name.isdigit():
                 continue
             try:
                 fds = os.listdir(entry / "fd")
@@ -378,7 +382,8 @@ class LxcRuntime:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     if os.readlink(entry / "fd" / fd).startswith(prefix):
-                        found.append(int(entry.name))
+                        if os.readlink(entry / "ns" / "pid") != host_pid_namespace:
+                            found.append(int(entry.name))
                         break
         return found
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from evictor.images import SET_ASIDE_MARK
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.tools import testbed
@@ -30,7 +31,12 @@ WARM_UP_CYCLES = 5
 
 
 def leftovers(state: Path) -> set[str]:
-    """Files under the state directory and evictor's temporary ones (CRIU configs)."""
+    """Files under the state directory and evictor's temporary ones (CRIU configs),
+    once the images set aside by the last restores are deleted (in the background)."""
+    wait_until(
+        lambda: not list((state / "images").glob(f"*{SET_ASIDE_MARK}*")),
+        "the restored images' removal",
+    )
     temporary = Path(tempfile.gettempdir()).glob("evictor-*")
     return {str(p) for p in (*state.rglob("*"), *temporary)}
 
