@@ -61,7 +61,7 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
         lifecycle.move(journal, name, Managed.RESTORING, at=time.time())
         try:
             _refuse_a_taken_address(runtime, manifest)
-            store.clear_criu_leftovers(name)
+            _clear_what_killed_restores_left(runtime, store, name)
             store.verify_metadata(manifest)
             _restore_verifying_memory(runtime, store, manifest)
             if not runtime.wait_for_state(name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS):
@@ -72,8 +72,7 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
                     phase=Phase.WAIT,
                 )
         except (RestoreFailed, CorruptImage) as error:
-            if runtime.state(name) is not ContainerState.RUNNING:
-                runtime.kill_restore_leftovers(store.path(name))
+            runtime.kill_restore_leftovers(store.path(name))
             detail = str(error).removeprefix(f"{name}: ")
             failed_at = time.time()
             journal.record(
@@ -110,6 +109,16 @@ def restore(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
         restoration.evicted_seconds,
     )
     return restoration
+
+
+def _clear_what_killed_restores_left(runtime: LxcRuntime, store: ImageStore, name: str) -> None:
+    """A criu killed while restoring this image leaves its cgroup yard in the image,
+    and may leave the tasks it had restored frozen (found by their fd into the image:
+    a restored container's own tasks hold none). Only an image a restore was tried
+    on (its restore.log is there) is searched for them: the search reads /proc."""
+    store.clear_criu_leftovers(name)
+    if (store.path(name) / "restore.log").exists():
+        runtime.kill_restore_leftovers(store.path(name))
 
 
 def _refuse_a_taken_address(runtime: LxcRuntime, manifest: Manifest) -> None:
@@ -194,6 +203,7 @@ def discard(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str)
                 container=name,
             )
         manifest = store.load(name)
+        _clear_what_killed_restores_left(runtime, store, name)
         now = time.time()
         store.discard(name)
         lifecycle.move(
