@@ -14,8 +14,9 @@ complete committed image, or FAILED with its image kept for the operator:
   and ``inventory.img`` only when it succeeds): the image is sealed and
   committed, as the eviction would have done.
 - RESTORING, container RUNNING: the restore finished; the image is removed.
-- RESTORING, container STOPPED: still EVICTED; the planner will try again. The
-  tasks a killed criu had restored but never set running are killed first.
+- RESTORING, container STOPPED: still EVICTED; the planner will try again.
+  Tasks a killed criu had restored but never set running (which LXC may call a
+  RUNNING container) are killed first: the container is then STOPPED.
 - EVICTED or FAILED, container RUNNING without a committed image: it was
   started outside evictor and its image is gone: RUNNING.
 - RUNNING, container STOPPED with a committed image the journal has no record
@@ -42,6 +43,8 @@ from evictor.model import ContainerState, Managed
 from evictor.units import PAGE_SIZE_BYTES
 
 log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_SECONDS = 10.0  # for LXC to see a killed container stopped
 
 
 def _wait_for_tools(runtime: LxcRuntime, store: ImageStore, name: str) -> None:
@@ -153,8 +156,11 @@ def _settle_in_flight(
         runtime.thaw(name)
         state = runtime.state(name)
     image = store.image_state(name)
-    if was is Managed.RESTORING and state is not ContainerState.RUNNING:
-        runtime.kill_restore_leftovers(store.path(name))
+    if was is Managed.RESTORING and runtime.kill_restore_leftovers(store.path(name)):
+        # Its tasks were restored but never set running (criu killed): LXC may call
+        # it RUNNING while that frozen init lives. Now it is STOPPED, image kept.
+        runtime.wait_for_state(name, ContainerState.STOPPED, STOP_TIMEOUT_SECONDS)
+        state = runtime.state(name)
     if state is ContainerState.RUNNING:
         if was is Managed.RESTORING:
             if image is ImageState.COMMITTED:

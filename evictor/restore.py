@@ -165,12 +165,16 @@ def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: 
         except RestoreFailed as failure:
             if problem:
                 raise problem[0] from None
-            if gate.was_consulted() and runtime.wait_for_state(
-                name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS
+            if (
+                gate.was_consulted()
+                and runtime.wait_for_state(name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS)
+                and not runtime.restore_leftovers(store.path(name))
             ):
                 # lxc-checkpoint failed (killed?) but its criu went on, past the gate
-                # and its verdict: the restore completes (LXC may call it RUNNING a
-                # moment after criu is done: a chaos run caught it just before).
+                # and its verdict, and set the tasks running: they no longer hold its
+                # log. (LXC may call the container RUNNING a moment after criu is done;
+                # and while a frozen init lives, when criu was killed before it
+                # resumed the tasks: chaos runs caught both.)
                 log.warning("%s; yet CRIU completed the verified restore", failure)
                 return
             raise
