@@ -200,7 +200,7 @@ def read_usage_and_pressure(cgroup: MemoryCgroup) -> MemoryStats:
 
 def read_memory_stats(cgroup: MemoryCgroup) -> MemoryStats:
     """Usage, working set, anon/file split, limit and PSI of one cgroup."""
-    usage_bytes = read_usage_bytes(cgroup)
+    light = read_usage_and_pressure(cgroup)
     stat = parse_flat_keyed(read_text(f"{cgroup.path}/memory.stat"))
     if cgroup.version is CgroupVersion.V1:
         # The total_ figures include descendant cgroups, as usage_in_bytes does.
@@ -215,16 +215,12 @@ def read_memory_stats(cgroup: MemoryCgroup) -> MemoryStats:
         file = stat.get("file", 0)
         raw = read_text(f"{cgroup.path}/memory.max").strip()
         limit = None if raw == "max" else int(raw)
-    pressure = None
-    if cgroup.unified_path is not None:
-        pressure = read_pressure(f"{cgroup.unified_path}/memory.pressure")
-    return MemoryStats(
-        usage_bytes=usage_bytes,
-        working_set_bytes=max(0, usage_bytes - inactive_file),
+    return dataclasses.replace(
+        light,
+        working_set_bytes=max(0, light.usage_bytes - inactive_file),
         anon_bytes=anon,
         file_bytes=file,
         limit_bytes=limit,
-        pressure=pressure,
     )
 
 
