@@ -31,6 +31,9 @@ class MemoryCgroup:
     version: CgroupVersion
     path: Path
     unified_path: Path | None = None  # the cgroup2 directory, for memory.pressure
+    # Whether LXC froze it: the v1 freezer's freezer.state where that controller is
+    # mounted, else cgroup2's cgroup.freeze (read by frozen_state).
+    freeze_path: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,7 +79,7 @@ def locate_memory_cgroup(proc_cgroup: dict[str, str], cgroup_root: Path) -> Memo
     A v1 memory controller wins when it is mounted; otherwise the v2 tree is used,
     either at the root (pure v2) or at ``unified/`` (hybrid).
     """
-    unified = None
+    unified = freeze = None
     if "" in proc_cgroup:
         tree = (
             cgroup_root
@@ -84,14 +87,31 @@ def locate_memory_cgroup(proc_cgroup: dict[str, str], cgroup_root: Path) -> Memo
             else (cgroup_root / "unified")
         )
         unified = tree / proc_cgroup[""].lstrip("/")
+        freeze = unified / "cgroup.freeze"
+    if "freezer" in proc_cgroup and (cgroup_root / "freezer").is_dir():
+        freeze = cgroup_root / "freezer" / proc_cgroup["freezer"].lstrip("/") / "freezer.state"
     if "memory" in proc_cgroup and (cgroup_root / "memory").is_dir():
         return MemoryCgroup(
             version=CgroupVersion.V1,
             path=cgroup_root / "memory" / proc_cgroup["memory"].lstrip("/"),
             unified_path=unified,
+            freeze_path=freeze,
         )
     if unified is not None:
-        return MemoryCgroup(version=CgroupVersion.V2, path=unified, unified_path=unified)
+        return MemoryCgroup(
+            version=CgroupVersion.V2, path=unified, unified_path=unified, freeze_path=freeze
+        )
+    return None
+
+
+def parse_freeze_state(text: bytes) -> bool | None:
+    """Frozen (True), thawed (False) or half-way (None), from freezer.state (v1:
+    ``FROZEN``, ``FREEZING``, ``THAWED``) or cgroup.freeze (v2: ``1``, ``0``)."""
+    state = text.strip()
+    if state in (b"FROZEN", b"1"):
+        return True
+    if state in (b"THAWED", b"0"):
+        return False
     return None
 
 
@@ -175,26 +195,32 @@ def read_pressure(path: Path | str) -> Pressure | None:
         return None
 
 
-def read_usage_bytes(cgroup: MemoryCgroup) -> int:
-    """Bytes charged to the cgroup now (``memory.usage_in_bytes`` or ``memory.current``)."""
+def usage_path(cgroup: MemoryCgroup) -> str:
+    """``memory.usage_in_bytes`` or ``memory.current``: bytes charged to the cgroup."""
     name = "memory.usage_in_bytes" if cgroup.version is CgroupVersion.V1 else "memory.current"
-    return int(read_text(f"{cgroup.path}/{name}"))
+    return f"{cgroup.path}/{name}"
 
 
-def read_usage_and_pressure(cgroup: MemoryCgroup) -> MemoryStats:
+def read_usage_and_pressure(
+    cgroup: MemoryCgroup, *, pressure: bool = True, usage_fd: int | None = None
+) -> MemoryStats:
     """Usage and PSI only (the rest left 0, and the limit unknown): what the daemon
-    needs every tick, at a third of ``read_memory_stats``'s cost."""
-    usage_bytes = read_usage_bytes(cgroup)
-    pressure = None
-    if cgroup.unified_path is not None:
-        pressure = read_pressure(f"{cgroup.unified_path}/memory.pressure")
+    needs every tick, at a third of ``read_memory_stats``'s cost. PSI only if
+    ``pressure``; the usage from ``usage_fd`` (its file kept open) if given."""
+    if usage_fd is None:
+        usage_bytes = int(read_text(usage_path(cgroup)))
+    else:
+        usage_bytes = int(os.pread(usage_fd, 32, 0))
+    psi = None
+    if pressure and cgroup.unified_path is not None:
+        psi = read_pressure(f"{cgroup.unified_path}/memory.pressure")
     return MemoryStats(
         usage_bytes=usage_bytes,
         working_set_bytes=0,
         anon_bytes=0,
         file_bytes=0,
         limit_bytes=None,
-        pressure=pressure,
+        pressure=psi,
     )
 
 

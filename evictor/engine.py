@@ -176,6 +176,7 @@ class Engine:
         os.chmod(self.config.state_dir, STATE_DIR_MODE)
 
     def close(self) -> None:
+        self._monitor.close()
         if "_journal" in self.__dict__:
             self._journal.close()
 
@@ -185,8 +186,11 @@ class Engine:
     # --- what the planner reads ---
 
     def priorities(self, names: Iterable[str]) -> dict[str, Priority]:
-        labels = self._journal.labels() if self._has_journal() else {}
+        labels = self._labels()
         return {n: resolve_priority(n, labels.get(n), self.config.priorities) for n in names}
+
+    def _labels(self) -> dict[str, Label]:
+        return self._journal.labels() if self._has_journal() else {}
 
     def _histories(self, now: float) -> dict[str, History]:
         if not self._has_journal():
@@ -234,9 +238,26 @@ class Engine:
         ``resume``). The journal is read once, for the plan and for whoever
         reports on it.
         """
-        sample = self.sample(detail=detail)
+        labels = self._labels()
+        resolved: dict[str, Priority] = {}
+
+        def priority(name: str) -> Priority:
+            if name not in resolved:
+                resolved[name] = resolve_priority(name, labels.get(name), self.config.priorities)
+            return resolved[name]
+
+        triggers = self.config.triggers
+
+        def important(name: str) -> bool:
+            """Whose PSI a tick reads: the containers whose own PSI is a trigger."""
+            return (
+                triggers.important_psi_some_avg10 is not None
+                and priority(name).value >= triggers.important_priority
+            )
+
+        sample = self._monitor.sample(detail=detail, wants_pressure=None if detail else important)
         trend = self._trend(now, sample.host.available_bytes, recent_available)
-        priorities = self.priorities(c.name for c in sample.containers)
+        priorities = {c.name: priority(c.name) for c in sample.containers}
         histories = self._histories(now)
         managed = self._managed()
         store_size_bytes, store_free_bytes = self._store.capacity()

@@ -78,7 +78,7 @@ class LxcRuntime:
         """Every container defined in the LXC path, sorted."""
         if not self.lxc_path.is_dir():
             return []
-        names = sorted(lxc.list_containers(config_path=str(self.lxc_path)))
+        names = sorted(lxc.list_containers(active=False, config_path=str(self.lxc_path)))
         for gone in self._handles.keys() - set(names):
             del self._handles[gone]
         return names
@@ -109,7 +109,7 @@ class LxcRuntime:
         if cgroup is None:
             return None
         try:
-            return cgroups.read_usage_bytes(cgroup)
+            return int(cgroups.read_text(cgroups.usage_path(cgroup)))
         except FileNotFoundError:
             return None
 
@@ -501,7 +501,10 @@ def _wait_for_exit(process: subprocess.Popen[bytes], timeout_seconds: float) -> 
     """
     pidfd = os.pidfd_open(process.pid)
     try:
-        ended = bool(select.select([pidfd], [], [], timeout_seconds)[0])
+        # poll, not select: the monitor's pidfds may push this fd past select's 1024.
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        ended = bool(poller.poll(timeout_seconds * 1000))
     finally:
         os.close(pidfd)
     if ended:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import select
+from collections.abc import Callable
 from pathlib import Path
 
 from evictor import cgroups
@@ -26,6 +28,9 @@ from evictor.model import ContainerSample, ContainerState, HostSample
 from evictor.units import PAGE_SIZE_BYTES
 
 DEFAULT_PROC_ROOT = Path("/proc")
+# Containers watched at most (three open files each): a soft limit of 1024 open
+# files must leave room for the rest. Those beyond are asked of LXC every tick.
+MAX_WATCHED_INITS = 256
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,6 +94,35 @@ def sample_host(proc_root: Path = DEFAULT_PROC_ROOT) -> HostSample:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Watch:
+    """What stays open of a running container between ticks: its init's pidfd (which,
+    unlike a pid, can never name another process) and its cgroup's usage and freeze
+    files, read again in place (a pread each) instead of opened every tick."""
+
+    pidfd: int
+    usage_fd: int
+    freeze_fd: int
+
+    def close(self) -> None:
+        for fd in (self.pidfd, self.usage_fd, self.freeze_fd):
+            os.close(fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Init:
+    """A running container's init and its memory cgroup; ``watch`` while fewer than
+    MAX_WATCHED_INITS are watched."""
+
+    pid: int
+    cgroup: cgroups.MemoryCgroup | None
+    watch: _Watch | None = None
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+
+
 class Monitor:
     def __init__(
         self, runtime: LxcRuntime, store: ImageStore, proc_root: Path = DEFAULT_PROC_ROOT
@@ -96,78 +130,113 @@ class Monitor:
         self.runtime = runtime
         self.store = store
         self.proc_root = proc_root
-        # A container's cgroup is fixed while its init lives: found once per init,
-        # {name: (init pid, cgroup)}; the init is looked up again once that pid is gone.
-        self._cgroups: dict[str, tuple[int, cgroups.MemoryCgroup | None]] = {}
+        # A container's cgroup is fixed while its init lives: found once per init.
+        self._inits: dict[str, _Init] = {}
 
-    def sample(self, *, skip: frozenset[str] = frozenset(), detail: bool = True) -> Sample:
+    def sample(
+        self,
+        *,
+        skip: frozenset[str] = frozenset(),
+        detail: bool = True,
+        wants_pressure: Callable[[str], bool] | None = None,
+    ) -> Sample:
         """Sample the host and every container but those in ``skip``.
 
         A container that is starting cannot be asked for its state while its
         pre-start hook runs (its monitor is busy with the hook), hence ``skip``.
         Without ``detail`` (the daemon's ticks), a container's memory is its usage
         and PSI only: the working set, anon/file split and limit cost the kernel a
-        walk of its memory.stat, and only ``evictor status`` shows them.
+        walk of its memory.stat, and only ``evictor status`` shows them; and LXC is
+        not asked the state of a container whose init still runs (its cgroup says
+        whether it is frozen). ``wants_pressure``: whose PSI to read (default all).
         """
+        self._forget_ended_inits()
         images = {image.container: image for image in self.store.images()}
         containers = []
-        seen: dict[str, tuple[int, cgroups.MemoryCgroup | None]] = {}
         for name in self.runtime.names():
             if name in skip:
                 continue
+            pressure = wants_pressure is None or wants_pressure(name)
             try:
-                containers.append(self._sample_container(name, images.get(name), seen, detail))
+                containers.append(self._sample_container(name, images.get(name), detail, pressure))
             except ContainerNotFound:
                 continue  # deleted between the listing and the sample
-        self._cgroups = seen
         known = {c.name for c in containers} | skip
+        for name in self._inits.keys() - known:
+            self._inits.pop(name).close()
         orphans = tuple(n for n, i in images.items() if i.manifest is not None and n not in known)
         return Sample(
             host=sample_host(self.proc_root), containers=tuple(containers), orphan_images=orphans
         )
 
-    def _memory_cgroup(
-        self, name: str, seen: dict[str, tuple[int, cgroups.MemoryCgroup | None]]
-    ) -> cgroups.MemoryCgroup | None:
-        """The running container's memory cgroup: asked of LXC (its init pid) only when
-        the init last seen has gone, so that a tick costs one LXC query a container."""
-        cached = self._cgroups.get(name)
-        if cached is None or not os.path.exists(f"{self.proc_root}/{cached[0]}"):
-            pid = self.runtime.init_pid(name)
-            if pid is None:
-                return None
-            cached = (
-                pid,
-                cgroups.memory_cgroup_of(
-                    pid,
-                    proc_root=self.proc_root,
-                    cgroup_root=self.runtime.cgroup_root,
-                    container=name,
-                ),
-            )
-        seen[name] = cached
-        return cached[1]
+    def close(self) -> None:
+        for init in self._inits.values():
+            init.close()
+        self._inits.clear()
+
+    def _forget_ended_inits(self) -> None:
+        """Drop the watched inits that have exited: one poll for the whole fleet."""
+        watched = {i.watch.pidfd: n for n, i in self._inits.items() if i.watch is not None}
+        if not watched:
+            return
+        poller = select.poll()
+        for fd in watched:
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(0):
+            self._inits.pop(watched[fd]).close()
+
+    def _state(self, name: str, detail: bool) -> ContainerState:
+        """LXC's state; without ``detail``, the freezer's for a watched container
+        (LXC asks it too), and LXC's again when it is half-way (freezing)."""
+        init = self._inits.get(name)
+        if not detail and init is not None and init.watch is not None:
+            try:
+                frozen = cgroups.parse_freeze_state(os.pread(init.watch.freeze_fd, 16, 0))
+            except OSError:
+                frozen = None  # its cgroup has just gone
+            if frozen is not None:
+                return ContainerState.FROZEN if frozen else ContainerState.RUNNING
+        state, pid = self.runtime.state_and_pid(name)
+        if state in (ContainerState.RUNNING, ContainerState.FROZEN) and pid is not None:
+            self._find_init(name, pid)
+        return state
+
+    def _find_init(self, name: str, pid: int) -> None:
+        init = self._inits.get(name)
+        if init is not None and init.pid == pid:
+            return
+        if init is not None:
+            self._inits.pop(name).close()
+        cgroup = cgroups.memory_cgroup_of(
+            pid, proc_root=self.proc_root, cgroup_root=self.runtime.cgroup_root, container=name
+        )
+        watch = None
+        watched = sum(i.watch is not None for i in self._inits.values())
+        if cgroup is not None and cgroup.freeze_path is not None and watched < MAX_WATCHED_INITS:
+            watch = _open_watch(pid, cgroup, cgroup.freeze_path)
+        self._inits[name] = _Init(pid, cgroup, watch)
 
     def _sample_container(
-        self,
-        name: str,
-        image: StoredImage | None,
-        seen: dict[str, tuple[int, cgroups.MemoryCgroup | None]],
-        detail: bool,
+        self, name: str, image: StoredImage | None, detail: bool, pressure: bool
     ) -> ContainerSample:
-        state = self.runtime.state(name)
+        state = self._state(name, detail)
         config_digest = self.runtime.config_digest(name)
-        if state in (ContainerState.RUNNING, ContainerState.FROZEN):
-            cgroup = self._memory_cgroup(name, seen)
+        init = self._inits.get(name)
+        if state in (ContainerState.RUNNING, ContainerState.FROZEN) and init is not None:
+            cgroup = init.cgroup
             if cgroup is not None:
                 try:
                     stats = (
                         cgroups.read_memory_stats(cgroup)
                         if detail
-                        else cgroups.read_usage_and_pressure(cgroup)
+                        else cgroups.read_usage_and_pressure(
+                            cgroup,
+                            pressure=pressure,
+                            usage_fd=None if init.watch is None else init.watch.usage_fd,
+                        )
                     )
-                except FileNotFoundError:
-                    seen.pop(name, None)  # stopped while we read it: sampled as it is next tick
+                except OSError:
+                    pass  # stopped while we read it: sampled as it is next tick
                 else:
                     return ContainerSample(
                         name=name,
@@ -192,3 +261,16 @@ class Monitor:
                 config_digest=config_digest,
             )
         return ContainerSample(name=name, state=state, config_digest=config_digest)
+
+
+def _open_watch(pid: int, cgroup: cgroups.MemoryCgroup, freeze_path: Path) -> _Watch | None:
+    opened: list[int] = []
+    try:
+        opened.append(os.pidfd_open(pid))
+        for path in (cgroups.usage_path(cgroup), freeze_path):
+            opened.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:  # stopped just now, or out of files: asked of LXC
+        for fd in opened:
+            os.close(fd)
+        return None
+    return _Watch(*opened)

@@ -13,6 +13,7 @@ from evictor.cgroups import (
     container_path,
     frozen,
     memory_cgroup_of,
+    parse_freeze_state,
     parse_pressure,
     parse_proc_cgroup,
     read_memory_stats,
@@ -23,9 +24,10 @@ from evictor.model import Pressure
 MIB = 1 << 20
 # /proc/PID/cgroup of an LXC container's init, as each layout shows it.
 PROC_CGROUP = {
-    "hybrid": "9:name=systemd:/lxc.payload.web\n4:memory:/lxc.payload.web\n"
-    "2:cpu,cpuacct:/lxc.payload.web\n0::/lxc.payload.web\n",
-    "v1": "4:memory:/lxc.payload.web\n1:name=systemd:/lxc.payload.web\n",
+    "hybrid": "9:name=systemd:/lxc.payload.web\n6:freezer:/lxc.payload.web\n"
+    "4:memory:/lxc.payload.web\n2:cpu,cpuacct:/lxc.payload.web\n0::/lxc.payload.web\n",
+    "v1": "6:freezer:/lxc.payload.web\n4:memory:/lxc.payload.web\n"
+    "1:name=systemd:/lxc.payload.web\n",
     "v2": "0::/lxc.payload.web\n",
 }
 PRESSURE = (
@@ -46,6 +48,8 @@ def make_tree(root: Path, layout: str, *, limited: bool) -> tuple[Path, Path]:
     (proc / "42").mkdir(parents=True)
     (proc / "42/cgroup").write_text(PROC_CGROUP[layout])
     if layout in ("hybrid", "v1"):
+        (cgroup / "freezer/lxc.payload.web").mkdir(parents=True)
+        (cgroup / "freezer/lxc.payload.web/freezer.state").write_text("THAWED\n")
         memory = cgroup / "memory/lxc.payload.web"
         memory.mkdir(parents=True)
         (memory / "memory.usage_in_bytes").write_text(f"{100 * MIB}\n")
@@ -81,22 +85,60 @@ def test_parse_pressure() -> None:
 
 
 @pytest.mark.parametrize(
-    ("layout", "version", "memory_dir", "unified_dir"),
+    ("layout", "version", "memory_dir", "unified_dir", "freeze_file"),
     [
-        ("hybrid", CgroupVersion.V1, "memory/lxc.payload.web", "unified/lxc.payload.web"),
-        ("v1", CgroupVersion.V1, "memory/lxc.payload.web", None),
-        ("v2", CgroupVersion.V2, "lxc.payload.web", "lxc.payload.web"),
+        (
+            "hybrid",
+            CgroupVersion.V1,
+            "memory/lxc.payload.web",
+            "unified/lxc.payload.web",
+            "freezer/lxc.payload.web/freezer.state",
+        ),
+        (
+            "v1",
+            CgroupVersion.V1,
+            "memory/lxc.payload.web",
+            None,
+            "freezer/lxc.payload.web/freezer.state",
+        ),
+        (
+            "v2",
+            CgroupVersion.V2,
+            "lxc.payload.web",
+            "lxc.payload.web",
+            "lxc.payload.web/cgroup.freeze",
+        ),
     ],
 )
 def test_memory_cgroup_in_each_layout(
-    tmp_path: Path, layout: str, version: CgroupVersion, memory_dir: str, unified_dir: str | None
+    tmp_path: Path,
+    layout: str,
+    version: CgroupVersion,
+    memory_dir: str,
+    unified_dir: str | None,
+    freeze_file: str,
 ) -> None:
     proc, root = make_tree(tmp_path, layout, limited=False)
     assert memory_cgroup_of(42, proc_root=proc, cgroup_root=root) == MemoryCgroup(
         version=version,
         path=root / memory_dir,
         unified_path=root / unified_dir if unified_dir else None,
+        freeze_path=root / freeze_file,
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "frozen"),
+    [
+        (b"FROZEN\n", True),
+        (b"THAWED\n", False),
+        (b"FREEZING\n", None),
+        (b"1\n", True),
+        (b"0\n", False),
+    ],
+)
+def test_freeze_state_of_each_freezer(text: bytes, frozen: bool | None) -> None:
+    assert parse_freeze_state(text) is frozen
 
 
 @pytest.mark.parametrize("limited", [True, False], ids=["limited", "unlimited"])

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from evictor import cgroups
+from evictor import monitor as monitor_module
 from evictor.images import ImageStore
 from evictor.lxc_runtime import LxcRuntime
-from evictor.model import ContainerState
+from evictor.model import ContainerSample, ContainerState
 from evictor.monitor import Monitor, read_per_cpu_free_bytes, sample_host
 
 from .conftest import MIB, WorkloadFactory
@@ -75,3 +79,61 @@ def test_container_figures_agree_with_its_cgroup(
     assert running.limit_bytes is None
     assert running.pressure is not None and pressure_file.exists()
     assert sample[idle].state is ContainerState.STOPPED and sample[idle].usage_bytes == 0
+
+
+class _CountingRuntime(LxcRuntime):
+    """The real runtime, counting the state queries it answers per container."""
+
+    def __init__(self, lxc_path: Path) -> None:
+        super().__init__(lxc_path)
+        self.asked: dict[str, int] = {}
+
+    def state_and_pid(self, name: str) -> tuple[ContainerState, int | None]:
+        self.asked[name] = self.asked.get(name, 0) + 1
+        return super().state_and_pid(name)
+
+
+def _tick(monitor: Monitor, name: str, **options: object) -> ContainerSample:
+    return {c.name: c for c in monitor.sample(detail=False, **options).containers}[name]  # type: ignore[arg-type]
+
+
+def test_ticks_follow_a_container_without_asking_lxc(
+    runtime: LxcRuntime,
+    workload: WorkloadFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tick reads a running container's cgroup through files kept open and learns
+    that its init ended from a pidfd; LXC is asked again only then."""
+    name = workload(memory_mib=32)
+    counting = _CountingRuntime(runtime.lxc_path)
+    monitor = Monitor(counting, ImageStore(tmp_path))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    first = _tick(monitor, name)
+    assert first.state is ContainerState.RUNNING and first.usage_bytes >= 32 * MIB
+    assert first.pressure is not None
+    asked = counting.asked[name]
+    later = _tick(monitor, name, wants_pressure=lambda _: False)
+    assert later.state is ContainerState.RUNNING and later.usage_bytes >= 32 * MIB
+    assert later.pressure is None  # not wanted: not read
+    subprocess.run(["lxc-freeze", "-P", str(runtime.lxc_path), "-n", name], check=True)
+    assert _tick(monitor, name).state is ContainerState.FROZEN
+    subprocess.run(["lxc-unfreeze", "-P", str(runtime.lxc_path), "-n", name], check=True)
+    assert _tick(monitor, name).state is ContainerState.RUNNING
+    assert counting.asked[name] == asked  # three ticks, no question to LXC
+
+    runtime.stop(name)
+    assert _tick(monitor, name).state is ContainerState.STOPPED
+    runtime.start(name)
+    restarted = _tick(monitor, name)  # a new init, found through LXC
+    assert restarted.state is ContainerState.RUNNING and restarted.usage_bytes > 0
+    assert counting.asked[name] == asked + 2
+    monitor.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+    # Beyond the watched many, a container is asked of LXC at every tick, as before.
+    monkeypatch.setattr(monitor_module, "MAX_WATCHED_INITS", 0)
+    unwatched = Monitor(counting, ImageStore(tmp_path))
+    for _ in range(2):
+        assert _tick(unwatched, name).usage_bytes > 0
+    assert counting.asked[name] == asked + 4
