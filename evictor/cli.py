@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import sys
@@ -59,7 +60,10 @@ def _size_argument(raw: str) -> int:
         raise argparse.ArgumentTypeError(str(error).removeprefix("size: ")) from None
 
 
-def _build_parser() -> argparse.ArgumentParser:
+@functools.cache
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser; built once (argparse's gettext lookups make that
+    take milliseconds), and by the command server before it forks its children."""
     parser = _Parser(prog="evictor", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="show details and debug logs")
     parser.add_argument(
@@ -488,11 +492,14 @@ def _cmd_run(args: argparse.Namespace, engine: Engine) -> int:
     from evictor.daemon import Daemon  # APScheduler, HTTP: only for the daemon
     from evictor.engine import check_private
     from evictor.metrics import Metrics
+    from evictor.paths import command_key
 
     config_path = args.config or DEFAULT_CONFIG_PATH
     if config_path.exists():
         check_private(config_path, "config file")
-    return Daemon(engine, Metrics(), load_config=lambda: _config(args)).run()
+    named = (args.config, args.lxcpath, args.state_dir)
+    key = command_key(*(None if path is None else str(path) for path in named))
+    return Daemon(engine, Metrics(), load_config=lambda: _config(args), command_key=key).run()
 
 
 def _cmd_make_room(args: argparse.Namespace, engine: Engine) -> int:
@@ -622,7 +629,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     quiet = (
         logging.INFO
         if args.command in ("run", "drain", "resume", "make-room")

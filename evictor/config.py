@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from evictor.errors import ConfigError
+from evictor.paths import DEFAULT_CONFIG_FILE
 
-DEFAULT_CONFIG_PATH = Path("/etc/evictor/evictor.toml")
+DEFAULT_CONFIG_PATH = Path(DEFAULT_CONFIG_FILE)
 DEFAULT_METRICS_PORT = 9857
 
 T = TypeVar("T")

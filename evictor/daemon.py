@@ -29,6 +29,7 @@ from wsgiref.simple_server import WSGIServer
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from evictor import command_server
 from evictor.config import Config, describe
 from evictor.engine import Engine
 from evictor.errors import EvictorError, LockBusy, UsageError
@@ -56,17 +57,22 @@ RECENT_AVAILABLE_TICKS = 64
 
 
 class Daemon:
-    """``load_config`` gives the config anew, for a reload (SIGHUP); None: no reloads."""
+    """``load_config`` gives the config anew, for a reload (SIGHUP); None: no reloads.
+    ``command_key`` (:func:`evictor.paths.command_key`) names the daemon to ``evictor``
+    commands: with it the daemon runs them in its command server; None: no server."""
 
     def __init__(
         self,
         engine: Engine,
         metrics: Metrics,
         load_config: Callable[[], Config] | None = None,
+        command_key: str | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.load_config = load_config
+        self.command_key = command_key
+        self._command_server: command_server.CommandServer | None = None
         self.stopping = threading.Event()
         self.reload_requested = threading.Event()
         self.last_pressure_at: float | None = None
@@ -84,10 +90,15 @@ class Daemon:
     # --- start-up ---
 
     def start_up(self) -> None:
-        """Hold the daemon lock, then let the engine check the host and settle."""
+        """Hold the daemon lock, start the command server (while this process has one
+        thread and no journal open), then let the engine check the host and settle."""
         log.info("starting: %s", describe(self.engine.config))
         self.engine.ensure_state_dir()
         self._hold_daemon_lock()
+        if self.command_key is not None and self._lock_fd is not None:
+            self._command_server = command_server.start(
+                self.command_key, close_fds=(self._lock_fd,)
+            )
         self.engine.start_up()
 
     def _hold_daemon_lock(self) -> None:
@@ -183,6 +194,9 @@ class Daemon:
             self._drain()
         if self._server is not None:
             self._server.shutdown()
+        if self._command_server is not None:
+            # Like the daemon's own action, commands under way complete first.
+            self._command_server.stop()
         log.info("stopped")
 
     def _drains_now(self) -> bool:

@@ -139,6 +139,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 say "installing evictor into $venv"
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
-"$venv/bin/pip" install -q -e "$here[test]"
+# "compat": the checkout on sys.path through a plain .pth line. The default mode's
+# import hook costs every evictor command ~25 ms of start-up (docs/benchmarks.md).
+"$venv/bin/pip" install -q -e "$here[test]" --config-settings editable_mode=compat 2>/dev/null ||
+    "$venv/bin/pip" install -q -e "$here[test]"
 "$venv/bin/python" -c 'import lxc, evictor' || die "evictor or the lxc binding does not import in $venv"
 say "ready: $venv/bin/evictor"
