@@ -2,18 +2,22 @@
 timed the same way: each side's commands by their wall time, as an operator
 runs them.
 
-For each size, on the same container and filesystem, ``--runs`` rounds of:
+For each size, on the same container and filesystem, with an ``evictor run``
+daemon serving the config (one that never acts on its own), ``--runs`` rounds of:
   - ``evictor evict`` (dump, seal: fdatasync + XXH3 + drop from the page cache,
     manifest), then ``evictor restore`` (verify, restore, wait for RUNNING,
-    remove the image); the journal gives the in-process figures (to RUNNING);
+    remove the image), run by the daemon's command server; the journal gives the
+    in-process figures (to RUNNING);
+  - the same two commands in their own process, as without a daemon (they name
+    the state directory again, so that no daemon serves them);
   - raw: ``lxc-checkpoint -s`` (the bare dump, which leaves the image in the page
     cache), then flushing and dropping the image (the fair baseline: the least the
     raw tools must do to really free the memory), then ``lxc-checkpoint -r -d``
     followed by the same wait for RUNNING evictor uses (liblxc's state wait).
-evictor and the raw tools take turns at going first. Medians, and the ratio of
-each round's pair: median and worst. ``dd`` writes as many bytes with
-``conv=fdatasync`` once per size; memory freed (free memory, MemFree plus the
-per-CPU free lists, and Cached, 2 s after) is read in the first round.
+The three take turns at going first. Medians, and the ratio of each round's pair:
+median and worst. ``dd`` writes as many bytes with ``conv=fdatasync`` once per
+size; memory freed (free memory, MemFree plus the per-CPU free lists, and Cached,
+2 s after) is read in the first round.
 
     .venv/bin/python -m bench.bench_evict [--sizes-mib 16 64 256 1024 4096] [--runs 5]
 """
@@ -21,13 +25,14 @@ per-CPU free lists, and Cached, 2 s after) is read in the first round.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, timed
@@ -87,13 +92,39 @@ def freed_fraction(before: tuple[int, int], usage_bytes: int) -> tuple[float, fl
     return (after[0] - before[0]) / usage_bytes, (after[1] - before[1]) / usage_bytes
 
 
+@contextlib.contextmanager
+def serving(config: Path) -> Iterator[None]:
+    """``evictor run`` on ``config``, until the block ends."""
+    log_path = config.with_name("daemon.log")
+    with open(log_path, "wb") as log_file:
+        daemon = subprocess.Popen(
+            [str(EVICTOR), "-c", str(config), "run"], stdout=log_file, stderr=log_file
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "running: a tick" not in log_path.read_text():
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the daemon did not start: {log_path.read_text()}")
+            time.sleep(0.1)
+        yield
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+
+
 class Rounds:
     def __init__(self, runtime: LxcRuntime, name: str) -> None:
         self.runtime, self.name = runtime, name
         self.values: dict[str, list[float]] = {}
         self.config = BENCH_ROOT / "evictor.toml"
         self.state = BENCH_ROOT / "state"
-        self.config.write_text(f'lxc_path = "{runtime.lxc_path}"\nstate_dir = "{self.state}"\n')
+        # The daemon ticks rarely and restores nothing (a restore would need a TiB
+        # free): it only serves the commands.
+        self.config.write_text(
+            f'lxc_path = "{runtime.lxc_path}"\nstate_dir = "{self.state}"\n'
+            'interval_seconds = 10\n[restore]\nmargin = "1TiB"\n'
+            "[metrics]\nenabled = false\n"
+        )
         self.raw_dir = BENCH_ROOT / "raw"
         self.lxc = ("-P", str(runtime.lxc_path), "-n", name)
 
@@ -108,8 +139,9 @@ class Rounds:
         pairs = [a / b for a, b in zip(self.values[ours], self.values[raw], strict=True)]
         return statistics.median(pairs), max(pairs)
 
-    def evictor(self, *args: str) -> float:
-        return command([str(EVICTOR), "-c", str(self.config), *args, self.name])
+    def evictor(self, action: str, *, served: bool) -> float:
+        own = () if served else ("--state-dir", str(self.state))  # not the daemon's
+        return command([str(EVICTOR), "-c", str(self.config), *own, action, self.name])
 
     def last_event(self, kind: EventKind) -> float:
         journal = Journal(self.state / "journal.db")
@@ -119,20 +151,25 @@ class Rounds:
             journal.close()
         return events[-1].duration_seconds or 0.0
 
-    def ours(self, *, measure_memory: bool) -> None:
+    def served(self, *, measure_memory: bool) -> None:
         usage = self.runtime.memory_usage_bytes(self.name) or 1
         status = testbed.wait_for_counter(self.runtime, self.name, above=0)
         before = memory_now()
-        self.add("evict_cli_s", self.evictor("evict"))
+        self.add("evict_cli_s", self.evictor("evict", served=True))
         self.add("evict_s", self.last_event(EventKind.EVICTED))
         if measure_memory:
             free, cached = freed_fraction(before, usage)
             self.add("evict_freed", free)
             self.add("evict_cached", cached)
         frozen_counter = (testbed.read_status(self.runtime, self.name) or status).counter
-        self.add("restore_cli_s", self.evictor("restore"))
+        self.add("restore_cli_s", self.evictor("restore", served=True))
         self.add("restore_s", self.last_event(EventKind.RESTORED))
         self.add("restore_answer_s", until_answers(self.runtime, self.name, frozen_counter))
+
+    def own_process(self, *, measure_memory: bool) -> None:
+        testbed.wait_for_counter(self.runtime, self.name, above=0)
+        self.add("evict_own_s", self.evictor("evict", served=False))
+        self.add("restore_own_s", self.evictor("restore", served=False))
 
     def raw(self, *, measure_memory: bool) -> None:
         shutil.rmtree(self.raw_dir, ignore_errors=True)
@@ -161,36 +198,45 @@ def one_size(size_mib: int, runs: int) -> list[str]:
     with fleet(1, memory_mib=size_mib, prefix=f"evb{size_mib}") as runtime:
         (name,) = runtime.names()
         rounds = Rounds(runtime, name)
-        for round_ in range(runs):
-            # Alternate who goes first, so neither always follows the other's I/O.
-            sides = (rounds.ours, rounds.raw) if round_ % 2 == 0 else (rounds.raw, rounds.ours)
-            for side in sides:
-                side(measure_memory=round_ == 0)
+        with serving(rounds.config):
+            sides = [rounds.served, rounds.own_process, rounds.raw]
+            for round_ in range(runs):
+                # Rotate who goes first, so none always follows another's I/O.
+                for side in sides[round_ % 3 :] + sides[: round_ % 3]:
+                    side(measure_memory=round_ == 0)
         dd = dd_seconds(BENCH_ROOT / "dd.bin", rounds.median("image_mb"))
     m = rounds.median
     image_mb = m("image_mb")
     evict_cli, evict_cli_worst = rounds.ratios("evict_cli_s", "raw_fair_s")
     evict_in, evict_in_worst = rounds.ratios("evict_s", "raw_fair_s")
+    evict_own, evict_own_worst = rounds.ratios("evict_own_s", "raw_fair_s")
     restore_cli, restore_cli_worst = rounds.ratios("restore_cli_s", "raw_restore_s")
     restore_in, restore_in_worst = rounds.ratios("restore_s", "raw_restore_s")
+    restore_own, restore_own_worst = rounds.ratios("restore_own_s", "raw_restore_s")
     return [
-        f"| {size_mib} MiB | evict | command {m('evict_cli_s'):.2f} s, in-process"
+        f"| {size_mib} MiB | evict | command {m('evict_cli_s'):.2f} s (own process"
+        f" {m('evict_own_s'):.2f} s), in-process"
         f" {m('evict_s'):.2f} s ({image_mb / m('evict_s'):.0f} MB/s) |"
         f" fair (lxc-checkpoint -s + flush + drop) {m('raw_fair_s'):.2f} s;"
         f" bare dump {m('raw_dump_s'):.2f} s; dd {dd:.2f} s ({image_mb / dd:.0f} MB/s) |"
         f" command {evict_cli:.2f}x fair (worst {evict_cli_worst:.2f}x), in-process"
-        f" {evict_in:.2f}x (worst {evict_in_worst:.2f}x); command"
-        f" {m('evict_cli_s') - m('raw_fair_s'):+.2f} s |",
+        f" {evict_in:.2f}x (worst {evict_in_worst:.2f}x), own process {evict_own:.2f}x"
+        f" (worst {evict_own_worst:.2f}x); command"
+        f" {m('evict_cli_s') - m('raw_fair_s'):+.2f} s, own process"
+        f" {m('evict_own_s') - m('raw_fair_s'):+.2f} s |",
         f"| {size_mib} MiB | memory freed | free memory +{m('evict_freed'):.0%} of usage,"
         f" page cache {m('evict_cached'):+.0%} | bare dump leaves page cache"
         f" {m('raw_dump_cached'):+.0%} of usage | - |",
-        f"| {size_mib} MiB | restore | command {m('restore_cli_s'):.2f} s (image removed),"
-        f" in-process {m('restore_s'):.2f} s to RUNNING; answers after"
-        f" {m('restore_answer_s'):.2f} s more | lxc-checkpoint -r -d + wait for RUNNING"
-        f" {m('raw_restore_s'):.2f} s; answers after {m('raw_restore_answer_s'):.2f} s more |"
+        f"| {size_mib} MiB | restore | command {m('restore_cli_s'):.2f} s (own process"
+        f" {m('restore_own_s'):.2f} s), in-process {m('restore_s'):.2f} s to RUNNING;"
+        f" answers after {m('restore_answer_s'):.2f} s more | lxc-checkpoint -r -d + wait"
+        f" for RUNNING {m('raw_restore_s'):.2f} s; answers after"
+        f" {m('raw_restore_answer_s'):.2f} s more |"
         f" command {restore_cli:.2f}x (worst {restore_cli_worst:.2f}x), in-process"
-        f" {restore_in:.2f}x (worst {restore_in_worst:.2f}x); command"
-        f" {m('restore_cli_s') - m('raw_restore_s'):+.2f} s |",
+        f" {restore_in:.2f}x (worst {restore_in_worst:.2f}x), own process"
+        f" {restore_own:.2f}x (worst {restore_own_worst:.2f}x); command"
+        f" {m('restore_cli_s') - m('raw_restore_s'):+.2f} s, own process"
+        f" {m('restore_own_s') - m('raw_restore_s'):+.2f} s |",
     ]
 
 
