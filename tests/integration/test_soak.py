@@ -74,6 +74,9 @@ def test_many_cycles_in_one_daemon_leak_nothing(
             wait_until(lambda: running.log().count(line) >= number, line)  # noqa: B023
 
     def reading() -> dict[str, object]:
+        # After a few ticks, so that the monitor watches the restored container
+        # (its init's pidfd and two cgroup files) at both readings.
+        time.sleep(1.0)
         return {
             "rss_mib": process.memory_info().rss / MIB,
             "fds": process.num_fds(),
