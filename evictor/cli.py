@@ -63,7 +63,8 @@ def _size_argument(raw: str) -> int:
 @functools.cache
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser; built once (argparse's gettext lookups make that
-    take milliseconds), and by the command server before it forks its children."""
+    take milliseconds), so that the children of the daemon's command server find
+    it built by the daemon's own command line."""
     parser = _Parser(prog="evictor", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-v", "--verbose", action="store_true", help="show details and debug logs")
     parser.add_argument(
@@ -489,6 +490,7 @@ def _cmd_discard(args: argparse.Namespace, engine: Engine) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, engine: Engine) -> int:
+    from evictor.command_server import Commands
     from evictor.daemon import Daemon  # APScheduler, HTTP: only for the daemon
     from evictor.engine import check_private
     from evictor.metrics import Metrics
@@ -498,8 +500,10 @@ def _cmd_run(args: argparse.Namespace, engine: Engine) -> int:
     if config_path.exists():
         check_private(config_path, "config file")
     named = (args.config, args.lxcpath, args.state_dir)
-    key = command_key(*(None if path is None else str(path) for path in named))
-    return Daemon(engine, Metrics(), load_config=lambda: _config(args), command_key=key).run()
+    commands = Commands(
+        key=command_key(*(None if path is None else str(path) for path in named)), main=main
+    )
+    return Daemon(engine, Metrics(), load_config=lambda: _config(args), commands=commands).run()
 
 
 def _cmd_make_room(args: argparse.Namespace, engine: Engine) -> int:

@@ -48,8 +48,6 @@ SERVED_COMMANDS = (
     "plan",
 )
 FORWARDED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
-# Requests are small; the environment is most of one.
-MAX_REQUEST_BYTES = 1 << 20
 
 
 def served_key(argv: list[str]) -> tuple[str, bool] | None:

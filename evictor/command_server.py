@@ -17,6 +17,7 @@ for it. It also goes if the daemon is killed (its pipe closes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib
 import logging
@@ -28,16 +29,31 @@ import stat
 import struct
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NoReturn
 
-from evictor.client import MAX_REQUEST_BYTES
-from evictor.paths import COMMAND_SOCKET_DIR, KEY_FIELDS, code_stamp, command_socket_path
+from evictor.paths import (
+    COMMAND_SOCKET_DIR,
+    KEY_FIELDS,
+    MAX_REQUEST_BYTES,
+    code_stamp,
+    command_socket_path,
+)
 
 log = logging.getLogger(__name__)
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _STDIO = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Commands:
+    """What a daemon serves: the key that names it to commands
+    (:func:`evictor.paths.command_key`), and the command line's entry point
+    (:func:`evictor.cli.main`, whose parser the daemon has built already)."""
+
+    key: str
+    main: Callable[[list[str]], int]
 
 
 class CommandServer:
@@ -52,10 +68,10 @@ class CommandServer:
         os.waitpid(self.pid, 0)
 
 
-def start(key: str, *, close_fds: Iterable[int] = ()) -> CommandServer | None:
-    """Fork the server for the daemon that ``key`` names; None (logged) if its socket
-    cannot be made: commands then run in their own process, as without a daemon."""
-    path = command_socket_path(key)
+def start(commands: Commands, *, close_fds: Iterable[int] = ()) -> CommandServer | None:
+    """Fork the server; None (logged) if its socket cannot be made: commands then
+    run in their own process, as without a daemon."""
+    path = command_socket_path(commands.key)
     try:
         listener = _listen(path)
     except OSError as error:
@@ -67,7 +83,7 @@ def start(key: str, *, close_fds: Iterable[int] = ()) -> CommandServer | None:
         os.close(stop_write)
         for fd in close_fds:
             os.close(fd)
-        _serve(listener, stop_read, key, path)
+        _serve(listener, stop_read, commands, path)
     os.close(stop_read)
     listener.close()
     log.info("command server %d at %s", pid, path)
@@ -90,13 +106,13 @@ def _listen(path: str) -> socket.socket:
     return listener
 
 
-def _serve(listener: socket.socket, stop_fd: int, key: str, path: str) -> NoReturn:
+def _serve(listener: socket.socket, stop_fd: int, commands: Commands, path: str) -> NoReturn:
     # SIGINT at a terminal reaches the whole process group: the daemon stops, and
     # stops this server through the pipe. SIGTERM and SIGHUP were the daemon's.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    _warm_up()
+    _import_what_the_engine_imports_on_first_use()
     # What the children share with the server is never collected: a collection
     # would touch, and so copy, every page of it in each child.
     gc.freeze()
@@ -114,7 +130,7 @@ def _serve(listener: socket.socket, stop_fd: int, key: str, path: str) -> NoRetu
                     _unlink_if_same(path, bound)
                 elif ready is listener:
                     if accepting:
-                        _accept(listener, key, stamp, running)
+                        _accept(listener, commands, stamp, running)
                 else:
                     _report_exit(ready, running)
     except BaseException:
@@ -130,18 +146,16 @@ def _unlink_if_same(path: str, inode: int) -> None:
             os.unlink(path)
 
 
-def _warm_up() -> None:
-    """Do once what every command would: import what the engine imports on first
-    use, and build the command line's parser."""
+def _import_what_the_engine_imports_on_first_use() -> None:
     for module in ("evictor.diagnosis", "evictor.inspection"):
         importlib.import_module(module)
-    from evictor.cli import build_parser
-
-    build_parser()
 
 
 def _accept(
-    listener: socket.socket, key: str, stamp: str, running: dict[int, tuple[int, socket.socket]]
+    listener: socket.socket,
+    commands: Commands,
+    stamp: str,
+    running: dict[int, tuple[int, socket.socket]],
 ) -> None:
     connection, _ = listener.accept()
     connection.settimeout(5.0)  # a client that connects and says nothing is dropped
@@ -163,7 +177,7 @@ def _accept(
             flags=flags,
             fds=fds,
             message=message,
-            key=key,
+            key=commands.key,
             stamp=stamp,
         )
         if why is not None:
@@ -177,7 +191,7 @@ def _accept(
                 os.close(pidfd)
                 other.close()
             connection.close()
-            _run_command(fds, message)
+            _run_command(commands.main, fds, message)
         running[os.pidfd_open(child)] = (child, connection)
         handed_over = True  # reaped, and reported if the command still listens
         with contextlib.suppress(OSError):
@@ -217,7 +231,7 @@ def _report_exit(pidfd: int, running: dict[int, tuple[int, socket.socket]]) -> N
     connection.close()
 
 
-def _run_command(fds: list[int], message: bytes) -> NoReturn:
+def _run_command(main: Callable[[list[str]], int], fds: list[int], message: bytes) -> NoReturn:
     """In the child: become the command's process and run it."""
     code = 1
     try:
@@ -238,8 +252,6 @@ def _run_command(fds: list[int], message: bytes) -> NoReturn:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         logging.root.handlers.clear()  # cli.main sets up logging for the command
         sys.argv = ["evictor", *argv]
-        from evictor.cli import main
-
         code = main(argv)
     except SystemExit as ended:  # argparse, for --help and usage errors
         code = ended.code if isinstance(ended.code, int) else (0 if ended.code is None else 1)

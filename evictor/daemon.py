@@ -58,20 +58,20 @@ RECENT_AVAILABLE_TICKS = 64
 
 class Daemon:
     """``load_config`` gives the config anew, for a reload (SIGHUP); None: no reloads.
-    ``command_key`` (:func:`evictor.paths.command_key`) names the daemon to ``evictor``
-    commands: with it the daemon runs them in its command server; None: no server."""
+    With ``commands``, the daemon runs ``evictor`` commands in its command server;
+    None: no server."""
 
     def __init__(
         self,
         engine: Engine,
         metrics: Metrics,
         load_config: Callable[[], Config] | None = None,
-        command_key: str | None = None,
+        commands: command_server.Commands | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.load_config = load_config
-        self.command_key = command_key
+        self.commands = commands
         self._command_server: command_server.CommandServer | None = None
         self.stopping = threading.Event()
         self.reload_requested = threading.Event()
@@ -95,10 +95,8 @@ class Daemon:
         log.info("starting: %s", describe(self.engine.config))
         self.engine.ensure_state_dir()
         self._hold_daemon_lock()
-        if self.command_key is not None and self._lock_fd is not None:
-            self._command_server = command_server.start(
-                self.command_key, close_fds=(self._lock_fd,)
-            )
+        if self.commands is not None and self._lock_fd is not None:
+            self._command_server = command_server.start(self.commands, close_fds=(self._lock_fd,))
         self.engine.start_up()
 
     def _hold_daemon_lock(self) -> None:

@@ -14,6 +14,8 @@ DEFAULT_CONFIG_FILE = "/etc/evictor/evictor.toml"
 # Root-only; on a tmpfs, so a socket left by a killed daemon goes at reboot.
 COMMAND_SOCKET_DIR = "/run/evictor"
 KEY_FIELDS = 3  # a key is three NUL-separated parts
+# A command's request is small; its environment is most of it.
+MAX_REQUEST_BYTES = 1 << 20
 
 
 def command_key(config: str | None, lxc_path: str | None, state_dir: str | None) -> str:
