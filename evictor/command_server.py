@@ -107,11 +107,12 @@ def _listen(path: str) -> socket.socket:
 
 
 def _serve(listener: socket.socket, stop_fd: int, commands: Commands, path: str) -> NoReturn:
-    # SIGINT at a terminal reaches the whole process group: the daemon stops, and
-    # stops this server through the pipe. SIGTERM and SIGHUP were the daemon's.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    # The server follows the daemon (its pipe), not signals: SIGINT at a terminal
+    # reaches the whole process group, and `pkill -f "evictor run"` (SIGTERM, or
+    # SIGHUP for a reload) matches this process too, whose command line is the
+    # daemon's. The daemon then stops, or reloads, and this server with it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     _import_what_the_engine_imports_on_first_use()
     # What the children share with the server is never collected: a collection
     # would touch, and so copy, every page of it in each child.
@@ -250,6 +251,8 @@ def _run_command(main: Callable[[list[str]], int], fds: list[int], message: byte
                 os.environb[name] = value
         _reopen_stdio()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         logging.root.handlers.clear()  # cli.main sets up logging for the command
         sys.argv = ["evictor", *argv]
         code = main(argv)

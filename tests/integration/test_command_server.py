@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from evictor import paths
@@ -102,9 +103,16 @@ def test_signals_reach_the_command_and_a_stop_waits_for_it(
     assert "evictor: interrupted" in asked.output()
     assert images.image_state(name) is ImageState.COMMITTED  # nothing changed
 
+    # The server follows the daemon, not the signals that match its command line.
+    assert process.process is not None
+    daemon_process = psutil.Process(process.process.pid)
+    (server,) = [c for c in daemon_process.children() if c.cmdline() == daemon_process.cmdline()]
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        server.send_signal(signum)
+    assert SERVED in evictor(config, "-v", "list").stderr
+
     # A stop waits for a command under way, as for the daemon's own action.
     asked = _ask_discard(config, name)
-    assert process.process is not None
     process.process.send_signal(signal.SIGTERM)
     time.sleep(1.5)
     assert process.process.poll() is None, process.log()
