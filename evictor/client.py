@@ -92,6 +92,21 @@ def encode_request(key: str, argv: list[str]) -> bytes:
 def run_served(key: str, argv: list[str], *, verbose: bool = False) -> int | None:
     """Run the command in the daemon's command server and return its exit status;
     None if no server takes it (the caller runs it here)."""
+    child = 0  # the command's pid, once the server has said it
+    pending: list[int] = []  # signals that came before that
+
+    def forward(signum: int, frame: object) -> None:
+        if not child:
+            pending.append(signum)
+            return
+        # Not contextlib.suppress: importing contextlib would cost this process 7 ms.
+        try:  # noqa: SIM105
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass  # it has just ended: its status is on the way
+
+    previous = {signum: _signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    reply = b""
     try:
         for fd in (0, 1, 2):
             os.fstat(fd)  # a closed stdio cannot be handed over
@@ -103,22 +118,20 @@ def run_served(key: str, argv: list[str], *, verbose: bool = False) -> int | Non
         )
         reply = server.recv(4096)
     except OSError:
-        return None
+        pass
     if not reply.startswith(b"pid "):
-        return None  # refused (other code, another config): run here
+        # Not served (no server, other code, another config): run here, as if the
+        # signals that came meanwhile came now.
+        for signum, handler in previous.items():
+            _signal.signal(signum, handler)
+        for signum in pending:
+            os.kill(os.getpid(), signum)
+        return None
     child = int(reply[4:])
     if verbose:
         print(f"evictor: run by the daemon's command server as pid {child}", file=sys.stderr)
-
-    def forward(signum: int, frame: object) -> None:
-        # Not contextlib.suppress: importing contextlib would cost this process 7 ms.
-        try:  # noqa: SIM105
-            os.kill(child, signum)
-        except ProcessLookupError:
-            pass  # it has just ended: its status is on the way
-
-    for signum in FORWARDED_SIGNALS:
-        _signal.signal(signum, forward)
+    for signum in pending:
+        forward(signum, None)
     try:
         reply = server.recv(4096)
     except OSError:
