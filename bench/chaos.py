@@ -22,7 +22,8 @@ between half the containers' usage and four times it, every 5-12 s. Every
 At the end the budget is raised and every container must come back RUNNING,
 the same process as before (or as after its cold start by hand), with no error
 in its memory, child or pipe; no image, partial image or kept-aside image is
-left; nothing is FAILED; no task a killed criu had restored is left frozen.
+left; nothing is FAILED; no task of a container runs outside LXC's instance of
+it (a copy that a killed restore left behind, frozen or running).
 It prints a table.
 
     .venv/bin/python -m bench.chaos --minutes 30
@@ -79,7 +80,7 @@ class Report:
     leftovers: list[str] = dataclasses.field(default_factory=list)  # images, kept, partial
     failed: list[str] = dataclasses.field(default_factory=list)  # FAILED in the journal
     # Tasks a killed criu restored but never set running (an fd into the store).
-    frozen_copies: list[int] = dataclasses.field(default_factory=list)
+    stray_tasks: list[int] = dataclasses.field(default_factory=list)
     # Of the first and the last daemon instance, each read as it was stopped or killed.
     daemon_rss_mib: tuple[float, float] = (0.0, 0.0)
     daemon_fds: tuple[int, int] = (0, 0)
@@ -98,7 +99,7 @@ class Report:
                 f"{len(self.leftovers)} {self.leftovers or ''}".strip(),
             ),
             ("FAILED at the end (must be 0)", f"{len(self.failed)} {self.failed or ''}".strip()),
-            ("tasks of frozen copies left (must be 0)", str(len(self.frozen_copies))),
+            ("tasks of copies LXC does not run (must be 0)", str(len(self.stray_tasks))),
             ("daemon RSS, MiB (first -> last)", f"{rss[0]:.1f} -> {rss[1]:.1f}"),
             ("daemon open fds (first -> last)", f"{fds[0]} -> {fds[1]}"),
         ]
@@ -107,9 +108,7 @@ class Report:
 
     @property
     def clean(self) -> bool:
-        return not (
-            self.lost or self.corrupt or self.leftovers or self.failed or self.frozen_copies
-        )
+        return not (self.lost or self.corrupt or self.leftovers or self.failed or self.stray_tasks)
 
 
 @contextlib.contextmanager
@@ -370,7 +369,7 @@ def _judge(chaos: Chaos, names: list[str], report: Report) -> None:
         for p in images.iterdir()
         if not p.name.startswith(".") or p.name.endswith((".gate", ".trial")) or ".kept-" in p.name
     ]
-    report.frozen_copies = chaos.runtime.restore_leftovers(images)
+    report.stray_tasks = testbed.stray_tasks(chaos.runtime, names)
     journal = Journal(chaos.state / "journal.db")
     report.failed = [
         f"{n} ({m.reason})" for n, m in journal.managed().items() if m.state is Managed.FAILED

@@ -42,6 +42,10 @@ CRIU_LOG_WAIT_SECONDS = 2.0
 COMMAND_TIMEOUT_SECONDS = 900.0
 
 
+# How long a killed restore's leftover tasks may take to end (freeing their memory).
+LEFTOVER_EXIT_SECONDS = 10.0
+
+
 class LxcRuntime:
     """Containers of one LXC path (``lxc-* -P``)."""
 
@@ -365,12 +369,17 @@ class LxcRuntime:
         fd into the image), block every signal but SIGKILL, keep their memory, and
         sit in a cgroup of their own ("lxc.payload.NAME-2") that LXC no longer knows.
         Only tasks in a PID namespace other than the host's count: not the tools still
-        at work on an image, nor an operator reading its log."""
-        prefix = f"{directory}/"
+        at work on an image, nor an operator reading its log.
+
+        The files are told by device and inode, not by path: seen from a task in a
+        container, a file on another mount than the container's root (a store on a
+        file system of its own) has a path relative to that mount, not the host's.
+        """
         try:
             host_pid_namespace = os.readlink(self.proc_root / "self" / "ns" / "pid")
+            image_files = {(f.stat().st_dev, f.stat().st_ino) for f in os.scandir(directory)}
         except OSError:
-            return []  # not a real /proc: nothing to tell them by
+            return []  # not a real /proc, or no image: nothing to tell them by
         found = []
         for entry in self.proc_root.iterdir():
             if not entry.name.isdigit():
@@ -381,7 +390,8 @@ class LxcRuntime:
                 continue  # exited meanwhile
             for fd in fds:
                 with contextlib.suppress(OSError):
-                    if os.readlink(entry / "fd" / fd).startswith(prefix):
+                    opened = os.stat(entry / "fd" / fd)  # the open file itself
+                    if (opened.st_dev, opened.st_ino) in image_files:
                         if os.readlink(entry / "ns" / "pid") != host_pid_namespace:
                             found.append(int(entry.name))
                         break
@@ -391,9 +401,12 @@ class LxcRuntime:
         """SIGKILL what ``restore_leftovers`` finds: a container restored again from
         the image would otherwise run beside a frozen copy of itself."""
         pids = self.restore_leftovers(image_dir)
+        ending = []
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
+                ending.append(os.pidfd_open(pid))
                 os.kill(pid, signal.SIGKILL)
+        _wait_for_pidfds(ending, LEFTOVER_EXIT_SECONDS)  # gone, and their memory freed
         if pids:
             log.warning(
                 "killed %d tasks a killed criu restore left behind from %s", len(pids), image_dir
@@ -491,6 +504,23 @@ class LxcRuntime:
         if timed_out:
             text += f"\n{argv[0]} timed out after {self.command_timeout_seconds:g} s\n"
         return subprocess.CompletedProcess(argv, process.returncode, "", text)
+
+
+def _wait_for_pidfds(pidfds: list[int], timeout_seconds: float) -> None:
+    """Wait until the processes behind ``pidfds`` have ended, or the timeout; close them."""
+    deadline = time.monotonic() + timeout_seconds
+    try:
+        poller = select.poll()
+        for pidfd in pidfds:
+            poller.register(pidfd, select.POLLIN)
+        left = len(pidfds)
+        while left and (remaining := deadline - time.monotonic()) > 0:
+            for pidfd, _ in poller.poll(remaining * 1000):
+                poller.unregister(pidfd)
+                left -= 1
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
 
 
 def _wait_for_exit(process: subprocess.Popen[bytes], timeout_seconds: float) -> bool:
