@@ -32,7 +32,7 @@ class MemoryCgroup:
     path: Path
     unified_path: Path | None = None  # the cgroup2 directory, for memory.pressure
     # Whether LXC froze it: the v1 freezer's freezer.state where that controller is
-    # mounted, else cgroup2's cgroup.freeze (read by frozen_state).
+    # mounted, else cgroup2's cgroup.freeze (parse_freeze_state reads it).
     freeze_path: Path | None = None
 
 
@@ -201,16 +201,18 @@ def usage_path(cgroup: MemoryCgroup) -> str:
     return f"{cgroup.path}/{name}"
 
 
+def read_usage_bytes(cgroup: MemoryCgroup) -> int:
+    """Bytes charged to the cgroup now."""
+    return int(read_text(usage_path(cgroup)))
+
+
 def read_usage_and_pressure(
     cgroup: MemoryCgroup, *, pressure: bool = True, usage_fd: int | None = None
 ) -> MemoryStats:
     """Usage and PSI only (the rest left 0, and the limit unknown): what the daemon
     needs every tick, at a third of ``read_memory_stats``'s cost. PSI only if
     ``pressure``; the usage from ``usage_fd`` (its file kept open) if given."""
-    if usage_fd is None:
-        usage_bytes = int(read_text(usage_path(cgroup)))
-    else:
-        usage_bytes = int(os.pread(usage_fd, 32, 0))
+    usage_bytes = read_usage_bytes(cgroup) if usage_fd is None else int(os.pread(usage_fd, 32, 0))
     psi = None
     if pressure and cgroup.unified_path is not None:
         psi = read_pressure(f"{cgroup.unified_path}/memory.pressure")

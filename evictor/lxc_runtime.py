@@ -113,7 +113,7 @@ class LxcRuntime:
         if cgroup is None:
             return None
         try:
-            return int(cgroups.read_text(cgroups.usage_path(cgroup)))
+            return cgroups.read_usage_bytes(cgroup)
         except FileNotFoundError:
             return None
 
@@ -377,9 +377,10 @@ class LxcRuntime:
         """
         try:
             host_pid_namespace = os.readlink(self.proc_root / "self" / "ns" / "pid")
-            image_files = {(f.stat().st_dev, f.stat().st_ino) for f in os.scandir(directory)}
+            entries = [entry.stat() for entry in os.scandir(directory)]
         except OSError:
             return []  # not a real /proc, or no image: nothing to tell them by
+        image_files = {(status.st_dev, status.st_ino) for status in entries}
         found = []
         for entry in self.proc_root.iterdir():
             if not entry.name.isdigit():
@@ -506,8 +507,10 @@ class LxcRuntime:
         return subprocess.CompletedProcess(argv, process.returncode, "", text)
 
 
-def _wait_for_pidfds(pidfds: list[int], timeout_seconds: float) -> None:
-    """Wait until the processes behind ``pidfds`` have ended, or the timeout; close them."""
+def _wait_for_pidfds(pidfds: list[int], timeout_seconds: float) -> bool:
+    """Wait until the processes behind ``pidfds`` have all ended, or the timeout;
+    return whether they did. The pidfds are closed. poll, not select: the monitor's
+    pidfds may push these past select's 1024."""
     deadline = time.monotonic() + timeout_seconds
     try:
         poller = select.poll()
@@ -518,6 +521,7 @@ def _wait_for_pidfds(pidfds: list[int], timeout_seconds: float) -> None:
             for pidfd, _ in poller.poll(remaining * 1000):
                 poller.unregister(pidfd)
                 left -= 1
+        return left == 0
     finally:
         for pidfd in pidfds:
             os.close(pidfd)
@@ -529,14 +533,7 @@ def _wait_for_exit(process: subprocess.Popen[bytes], timeout_seconds: float) -> 
     Woken by the kernel when it ends (a pidfd): ``Popen.wait(timeout=)`` polls,
     sleeping up to 50 ms between looks, which cost each command 25 ms on average.
     """
-    pidfd = os.pidfd_open(process.pid)
-    try:
-        # poll, not select: the monitor's pidfds may push this fd past select's 1024.
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        ended = bool(poller.poll(timeout_seconds * 1000))
-    finally:
-        os.close(pidfd)
+    ended = _wait_for_pidfds([os.pidfd_open(process.pid)], timeout_seconds)
     if ended:
         process.wait()
     return ended

@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evictor import cgroups
 from evictor.errors import EvictorError
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import validate_container_name
@@ -330,13 +331,10 @@ def stray_tasks(runtime: LxcRuntime, names: Sequence[str]) -> list[int]:
 def _payload_cgroup(proc_cgroup: Path) -> str | None:
     """The top cgroup of a task in the unified hierarchy (``0::/TOP/...``)."""
     try:
-        text = proc_cgroup.read_text()
+        unified = cgroups.parse_proc_cgroup(proc_cgroup.read_text()).get("", "")
     except OSError:
         return None  # exited meanwhile
-    for line in text.splitlines():
-        if line.startswith("0::/"):
-            return line[4:].split("/", 1)[0] or None
-    return None
+    return unified.lstrip("/").split("/", 1)[0] or None
 
 
 def _zombie(proc_entry: Path) -> bool:
