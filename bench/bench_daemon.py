@@ -20,22 +20,13 @@ from pathlib import Path
 
 import psutil
 
-from bench.fleet import fleet, free_port
+from bench.fleet import fleet, free_port, start_daemon
 from evictor.journal import Journal
 from evictor.model import Managed
 from evictor.tools import testbed
 
 MIB = 1 << 20
 INTERVAL_SECONDS = 1.0
-
-
-def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "evictor.cli", "-c", str(config), "run"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def write_config(path: Path, lxc_path: Path, state: Path, budget: str) -> None:

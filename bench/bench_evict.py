@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, timed
+from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, start_daemon, timed
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerState
@@ -96,10 +96,7 @@ def freed_fraction(before: tuple[int, int], usage_bytes: int) -> tuple[float, fl
 def serving(config: Path) -> Iterator[None]:
     """``evictor run`` on ``config``, until the block ends."""
     log_path = config.with_name("daemon.log")
-    with open(log_path, "wb") as log_file:
-        daemon = subprocess.Popen(
-            [str(EVICTOR), "-c", str(config), "run"], stdout=log_file, stderr=log_file
-        )
+    daemon = start_daemon(config, log_path)
     try:
         deadline = time.monotonic() + 60
         while "running: a tick" not in log_path.read_text():

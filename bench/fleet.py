@@ -7,6 +7,8 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +39,16 @@ def fleet(count: int, *, memory_mib: int = 1, prefix: str = "evb") -> Iterator[L
         for name in runtime.names():
             runtime.destroy(name)
         shutil.rmtree(BENCH_ROOT, ignore_errors=True)
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``evictor run`` on ``config``, its output in ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "evictor.cli", "-c", str(config), "run"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def free_port() -> int:
