@@ -43,7 +43,7 @@ def validate_container_name(name: str) -> str:
     return name
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Pressure:
     """One PSI line pair (``some`` and ``full``), as percentages of wall time."""
 
@@ -53,7 +53,7 @@ class Pressure:
     full_avg60: float = 0.0
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class HostSample:
     total_bytes: int
     # MemAvailable (what can be allocated without swapping) and MemFree, each
@@ -66,7 +66,7 @@ class HostSample:
     pressure: Pressure | None  # None where the kernel has no PSI
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ContainerSample:
     """One container as the monitor saw it; evicted ones carry their recorded footprint."""
 
@@ -104,7 +104,7 @@ class Managed(enum.Enum):
     #                   be undone after a failed eviction (image kept aside)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Label:
     """What an operator set on one container with ``evictor label``; beats any rule."""
 
@@ -113,7 +113,7 @@ class Label:
     drain: bool | None = None  # False: drains (by hand, or at shutdown) leave it running
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Priority:
     value: int
     protected: bool
@@ -121,7 +121,7 @@ class Priority:
     drain: bool = True  # drains checkpoint it (unless it is protected)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class CheckpointFailure:
     """A container's eviction attempts that failed in a row, with one config."""
 
@@ -132,7 +132,7 @@ class CheckpointFailure:
     config_digest: str | None = None  # the container's LXC config at the last attempt
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class CheckVerdict:
     """What ``evictor check`` last found, remembered for the planner and for ``status``."""
 
@@ -143,7 +143,7 @@ class CheckVerdict:
     trial: bool = False  # a real dump was tried
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class History:
     """What evictor did to, and knows of, one container (times are Unix seconds)."""
 
@@ -156,7 +156,7 @@ class History:
     check: CheckVerdict | None = None
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Nic:
     """One network interface of a container's LXC config."""
 
@@ -167,7 +167,7 @@ class Nic:
     ipv4_addresses: tuple[str, ...] = ()  # static ones, "10.0.3.5/24"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class IdMap:
     """Where a user-namespaced container's root lives on the host."""
 
@@ -175,7 +175,7 @@ class IdMap:
     root_gid: int
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ContainerConfig:
     """What a container's LXC config says, as far as checkpointing cares (effective
     values: includes resolved, later lines winning)."""
@@ -199,7 +199,7 @@ class ContainerConfig:
         return self.idmap is not None
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MemoryTrend:
     """Where MemAvailable is heading, and how fast evictions free memory lately."""
 

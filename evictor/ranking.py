@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from evictor.config import (
     AntiThrash,
@@ -136,7 +136,7 @@ def resolve_priority(name: str, label: Label | None, priorities: Priorities) -> 
 
 def eviction_cooldown_seconds(history: History, policy: AntiThrash, now: float) -> float:
     """How long after its last restore a container is spared: grows with recent evictions."""
-    recent = sum(1 for t in history.eviction_times if now - t <= policy.window_seconds)
+    recent = len([t for t in history.eviction_times if now - t <= policy.window_seconds])
     cooldown = policy.cooldown_seconds * policy.backoff_factor ** max(recent - 1, 0)
     return min(cooldown, policy.max_cooldown_seconds)
 
@@ -187,6 +187,8 @@ def _cooling_down(history: History, policy: AntiThrash, now: float) -> float | N
     """Seconds left in the container's post-restore cooldown, or None if there is none."""
     if history.last_restored_at is None:
         return None
+    if now - history.last_restored_at >= policy.max_cooldown_seconds:
+        return None  # past any cooldown, however many evictions there were
     left = history.last_restored_at + eviction_cooldown_seconds(history, policy, now) - now
     return left if left > 0 else None
 
@@ -324,9 +326,9 @@ def _triggers(
             and priorities[s.name].value >= important
         }
     if in_need:
-        worst = sorted(in_need, key=lambda n: (-in_need[n], n))
-        listed = ", ".join(f"{n} ({in_need[n]:.1f}%)" for n in worst[:3])
-        more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
+        worst = heapq.nsmallest(3, [(-stall, name) for name, stall in in_need.items()])
+        listed = ", ".join(f"{name} ({-stall:.1f}%)" for stall, name in worst)
+        more = f" and {len(in_need) - 3} more" if len(in_need) > 3 else ""
         triggers.append(
             Trigger(
                 TriggerKind.IMPORTANT_PSI,
@@ -369,7 +371,8 @@ def plan(
     ``trend``, where MemAvailable heads, drives the predictive trigger.
     """
     samples = list(containers)
-    running = [s for s in samples if s.state is ContainerState.RUNNING]
+    running_state = ContainerState.RUNNING  # a local: an enum member is slow to look up
+    running = [s for s in samples if s.state is running_state]
     triggers, need, in_need = _triggers(host, running, priorities, config, trend)
     critical = host.available_bytes < config.triggers.critical_watermark.resolve(host.total_bytes)
     notes: list[str] = []
@@ -417,6 +420,64 @@ def plan(
     )
 
 
+@dataclasses.dataclass
+class _Passed:
+    """Candidates the ranking passed over, and why, for the plan's notes."""
+
+    spared: list[str] = dataclasses.field(default_factory=list)  # cooling down
+    held: list[str] = dataclasses.field(default_factory=list)  # failed checkpoints
+    uncheckpointable: list[str] = dataclasses.field(default_factory=list)
+    failures: dict[str, CheckpointFailure] = dataclasses.field(default_factory=dict)
+
+
+def _ranking_keys(
+    running: list[ContainerSample],
+    priorities: Mapping[str, Priority],
+    histories: Mapping[str, History],
+    config: Config,
+    now: float,
+    critical: bool,
+    excluded: set[str],
+    passed: _Passed,
+) -> Iterator[tuple[int, bool, int, str]]:
+    """(priority, last checkpoint failed, -usage, name) of each candidate: names are
+    unique, so the keys alone order them. Those left out are recorded in ``passed``.
+
+    This loop is the planner's cost on large hosts: most containers have no
+    history, and take the short way.
+    """
+    for sample in running:
+        name = sample.name
+        priority = priorities[name]
+        if priority.protected or sample.stale_image or name in excluded:
+            continue
+        history = histories.get(name)
+        if history is None:
+            yield priority.value, False, -sample.usage_bytes, name
+            continue
+        unfit = known_uncheckpointable(sample, history)
+        if unfit is not None:
+            passed.uncheckpointable.append(f"{name}: {unfit}")
+            continue
+        if (
+            not critical
+            and history.last_restored_at is not None
+            and _cooling_down(history, config.antithrash, now) is not None
+        ):
+            passed.spared.append(name)
+            continue
+        failure = current_checkpoint_failure(sample, history)
+        if failure is not None:
+            retry_in = checkpoint_retry_in(sample, history, config.evict, now, critical)
+            if retry_in is not None:
+                passed.held.append(
+                    f"{name}: {describe_checkpoint_failure(failure)}; retry in {retry_in:.0f} s"
+                )
+                continue
+            passed.failures[name] = failure
+        yield priority.value, failure is not None, -sample.usage_bytes, name
+
+
 def _choose_evictions(
     running: list[ContainerSample],
     priorities: Mapping[str, Priority],
@@ -431,63 +492,31 @@ def _choose_evictions(
 ) -> tuple[tuple[Decision, ...], tuple[Decision, ...]]:
     """The evictions that reach ``need``, and as many again standing by; ``most``
     of each, if given."""
-    # (priority, last checkpoint failed, -usage, name): names are unique, so the
-    # tuples alone order the candidates. A heap pops the few needed without
-    # sorting them all (hosts with thousands of containers evict a handful).
-    # This loop is the planner's cost on large hosts: most containers have no
-    # history, and take the short way.
-    ranked: list[tuple[int, bool, int, str]] = []
-    spared = []
-    held: list[str] = []
-    uncheckpointable: list[str] = []
-    failures: dict[str, CheckpointFailure] = {}
-    for sample in running:
-        name = sample.name
-        priority = priorities[name]
-        if priority.protected or sample.stale_image or name in excluded:
-            continue
-        history = histories.get(name)
-        if history is None:
-            ranked.append((priority.value, False, -sample.usage_bytes, name))
-            continue
-        unfit = known_uncheckpointable(sample, history)
-        if unfit is not None:
-            uncheckpointable.append(f"{name}: {unfit}")
-            continue
-        if (
-            not critical
-            and history.last_restored_at is not None
-            and _cooling_down(history, config.antithrash, now) is not None
-        ):
-            spared.append(name)
-            continue
-        failure = current_checkpoint_failure(sample, history)
-        if failure is not None:
-            retry_in = checkpoint_retry_in(sample, history, config.evict, now, critical)
-            if retry_in is not None:
-                held.append(
-                    f"{name}: {describe_checkpoint_failure(failure)}; retry in {retry_in:.0f} s"
-                )
-                continue
-            failures[name] = failure
-        ranked.append((priority.value, failure is not None, -sample.usage_bytes, name))
-    if spared:
-        notes.append(f"spared, restored too recently (anti-thrash cooldown): {_listed(spared)}")
-    if held:
-        notes.append(f"held back after failed checkpoints: {_listed(held, separator='; ')}")
-    if uncheckpointable:
-        listed = _listed(uncheckpointable, separator="; ")
+    passed = _Passed()
+    keys = _ranking_keys(running, priorities, histories, config, now, critical, excluded, passed)
+    # With ``most``, no more than 2 * most candidates can be taken: a bounded heap
+    # keeps those, and never holds thousands of keys at once (nor wakes the
+    # garbage collector for them).
+    ranked = sorted(keys) if most is None else heapq.nsmallest(2 * most, keys)
+    if passed.spared:
+        notes.append(
+            f"spared, restored too recently (anti-thrash cooldown): {_listed(passed.spared)}"
+        )
+    if passed.held:
+        notes.append(f"held back after failed checkpoints: {_listed(passed.held, separator='; ')}")
+    if passed.uncheckpointable:
+        listed = _listed(passed.uncheckpointable, separator="; ")
         notes.append(f"not checkpointable here (evictor check): {listed}")
-    heapq.heapify(ranked)
     chosen: list[Decision] = []
     standby: list[Decision] = []
     reclaimed = standing_by = 0
-    while ranked and standing_by < need and (most is None or len(standby) < most):
-        value, failed, negative_usage, name = heapq.heappop(ranked)
+    for value, failed, negative_usage, name in ranked:
+        if standing_by >= need or (most is not None and len(standby) >= most):
+            break
         usage = -negative_usage
         why = f"lowest-ranked (priority {value}, {usage // _MIB} MiB)"
         if failed:
-            why += f"; its {describe_checkpoint_failure(failures[name])}"
+            why += f"; its {describe_checkpoint_failure(passed.failures[name])}"
         if reclaimed < need and (most is None or len(chosen) < most):
             reclaimed += usage
             role, decisions = f"reclaiming {need // _MIB} MiB", chosen
