@@ -19,6 +19,7 @@ import fcntl
 import logging
 import math
 import os
+import select
 import signal
 import socket
 import threading
@@ -50,8 +51,6 @@ class _SkippedTickFilter(logging.Filter):
 
 # The journal is pruned this often (and at start).
 PRUNE_INTERVAL_SECONDS = 3600.0
-# How soon a SIGHUP is acted on: the signal handler only asks.
-RELOAD_POLL_SECONDS = 0.2
 # Ticks of MemAvailable kept for its trend (the engine uses the last few seconds).
 RECENT_AVAILABLE_TICKS = 64
 
@@ -74,7 +73,6 @@ class Daemon:
         self.commands = commands
         self._command_server: command_server.CommandServer | None = None
         self.stopping = threading.Event()
-        self.reload_requested = threading.Event()
         self.last_pressure_at: float | None = None
         self._pruned_at = -math.inf
         # MemAvailable at the last ticks, (time, bytes), for its trend.
@@ -242,25 +240,50 @@ class Daemon:
 
     def run(self) -> int:
         """Run until SIGTERM or SIGINT, reloading the config on SIGHUP; return the exit
-        code."""
+        code.
 
-        def request_stop(signum: int, frame: FrameType | None) -> None:
-            log.info("%s received: stopping after the current action", signal.Signals(signum).name)
-            self.stopping.set()
-
-        def request_reload(signum: int, frame: FrameType | None) -> None:
-            self.reload_requested.set()
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGHUP, request_reload)
-        self.start()
-        while not self.stopping.wait(RELOAD_POLL_SECONDS):
-            if self.reload_requested.is_set():
-                self.reload_requested.clear()
+        The main thread sleeps until a signal comes: the signals are read from a
+        wakeup pipe, so an idle daemon is not woken between ticks, and the handlers
+        do nothing (a lock taken in a handler can deadlock the code it interrupts).
+        """
+        signals_read, signals_written = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for signum in _HANDLED_SIGNALS:
+            signal.signal(signum, _read_from_the_wakeup_pipe)
+        previous_wakeup_fd = signal.set_wakeup_fd(signals_written, warn_on_full_buffer=False)
+        try:
+            self.start()
+            while (signum := _next_signal(signals_read)) not in _STOP_SIGNALS:
                 self.reload()
+            log.info("%s received: stopping after the current action", signum.name)
+        finally:
+            signal.set_wakeup_fd(previous_wakeup_fd)
+            os.close(signals_read)
+            os.close(signals_written)
         self.stop()
         return 0
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_HANDLED_SIGNALS = (*_STOP_SIGNALS, signal.SIGHUP)
+
+
+def _read_from_the_wakeup_pipe(signum: int, frame: FrameType | None) -> None:
+    """A handler for the signals Daemon.run reads from its wakeup pipe: one must be set
+    (the default action would end the process), and it has nothing to do."""
+
+
+def _next_signal(pipe: int) -> signal.Signals:
+    """The next of _HANDLED_SIGNALS written to the wakeup pipe: waits as long as it takes."""
+    poller = select.poll()
+    poller.register(pipe, select.POLLIN)
+    while True:
+        try:
+            signums = os.read(pipe, 1)
+        except BlockingIOError:
+            poller.poll()
+            continue
+        if signums and signums[0] in _HANDLED_SIGNALS:
+            return signal.Signals(signums[0])
 
 
 def notify_systemd(state: str) -> None:

@@ -245,6 +245,11 @@ def test_sighup_reloads_the_config_and_a_bad_one_is_refused(
     assert running.process is not None
     time.sleep(1)
     assert runtime.state(name) is ContainerState.RUNNING  # no pressure under 4 GiB
+    # Between signals the main thread sleeps: it is not woken to look for them.
+    main_thread = Path(f"/proc/{running.process.pid}/task/{running.process.pid}/status")
+    before = _context_switches(main_thread)
+    time.sleep(2)
+    assert _context_switches(main_thread) == before
 
     write_config(path, runtime.lxc_path, state, port, triggers={"budget": "16MiB"})
     running.process.send_signal(signal.SIGHUP)
@@ -261,6 +266,12 @@ def test_sighup_reloads_the_config_and_a_bad_one_is_refused(
     running.wait_for_log("reload refused, the running config is kept: lxc_path changed")
     assert running.process.poll() is None  # still running, on the config it had
     assert running.stop() == 0
+
+
+def _context_switches(status: Path) -> int:
+    """A task's context switches so far, voluntary and not, from its /proc status."""
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+    return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
 
 
 def test_make_room_evicts_lower_priority_containers(
