@@ -80,12 +80,28 @@ class LxcRuntime:
 
     def names(self) -> list[str]:
         """Every container defined in the LXC path, sorted."""
-        if not self.lxc_path.is_dir():
-            return []
-        names = sorted(lxc.list_containers(active=False, config_path=str(self.lxc_path)))
-        for gone in self._handles.keys() - set(names):
+        return list(self.defined())
+
+    def defined(self) -> dict[str, str]:
+        """Every container defined in the LXC path, sorted, with its config digest.
+
+        Defined as liblxc's listing has it (``list_defined_containers``): an entry
+        not starting with a dot that holds a ``config``. Found here with one stat
+        each, which gives the digest too: the daemon lists every tick.
+        """
+        try:
+            entries = sorted(entry.name for entry in os.scandir(self.lxc_path))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        defined = {}
+        for name in entries:
+            if not name.startswith("."):
+                digest = self.config_digest(name)
+                if digest is not None:
+                    defined[name] = digest
+        for gone in self._handles.keys() - defined.keys():
             del self._handles[gone]
-        return names
+        return defined
 
     def state(self, name: str) -> ContainerState:
         return ContainerState(self._container(name).state)
@@ -131,11 +147,11 @@ class LxcRuntime:
         return None
 
     def config_digest(self, name: str) -> str | None:
-        """Identifies the version of the container's LXC config file (a stat, no read:
-        the monitor asks every tick); None if it has none."""
+        """Identifies the version of the container's LXC config file (a stat, no read);
+        None if it has none."""
         try:
             status = os.stat(f"{self.lxc_path}/{name}/config")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         return f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import select
 from collections.abc import Callable
 from pathlib import Path
@@ -58,11 +59,12 @@ def read_meminfo(proc_root: Path = DEFAULT_PROC_ROOT) -> dict[str, int]:
     return parse_meminfo((proc_root / "meminfo").read_text())
 
 
+_PAGESET_COUNT = re.compile(r"^\s+count:\s+(\d+)", re.MULTILINE)
+
+
 def parse_zoneinfo_per_cpu_pages(text: str) -> int:
     """Pages on the per-CPU free lists: /proc/zoneinfo's pageset ``count:`` lines."""
-    return sum(
-        int(line.split()[1]) for line in text.splitlines() if line.lstrip().startswith("count:")
-    )
+    return sum(map(int, _PAGESET_COUNT.findall(text)))
 
 
 def read_per_cpu_free_bytes(proc_root: Path = DEFAULT_PROC_ROOT) -> int:
@@ -153,12 +155,14 @@ class Monitor:
         self._forget_ended_inits()
         images = {image.container: image for image in self.store.images()}
         containers = []
-        for name in self.runtime.names():
+        for name, config_digest in self.runtime.defined().items():
             if name in skip:
                 continue
             pressure = wants_pressure is None or wants_pressure(name)
             try:
-                containers.append(self._sample_container(name, images.get(name), detail, pressure))
+                containers.append(
+                    self._sample_container(name, config_digest, images.get(name), detail, pressure)
+                )
             except ContainerNotFound:
                 continue  # deleted between the listing and the sample
         known = {c.name for c in containers} | skip
@@ -217,10 +221,14 @@ class Monitor:
         self._inits[name] = _Init(pid, cgroup, watch)
 
     def _sample_container(
-        self, name: str, image: StoredImage | None, detail: bool, pressure: bool
+        self,
+        name: str,
+        config_digest: str,
+        image: StoredImage | None,
+        detail: bool,
+        pressure: bool,
     ) -> ContainerSample:
         state = self._state(name, detail)
-        config_digest = self.runtime.config_digest(name)
         init = self._inits.get(name)
         if state in (ContainerState.RUNNING, ContainerState.FROZEN) and init is not None:
             cgroup = init.cgroup
