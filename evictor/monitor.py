@@ -41,25 +41,23 @@ class Sample:
     orphan_images: tuple[str, ...] = ()  # committed images of containers that no longer exist
 
 
+# One regex over the whole text: a tick reads both files, and a loop over their
+# lines in Python costs several times the kernel's making them.
+_MEMINFO_FIELD = re.compile(r"^([^:\n]+):[ \t]+(\d+)( kB)?$", re.MULTILINE)
+_PAGESET_COUNT = re.compile(r"\n +count: +(\d+)")
+
+
 def parse_meminfo(text: str) -> dict[str, int]:
     """Parse /proc/meminfo into {field: bytes} (the kernel reports kB = KiB)."""
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if not parts:
-            continue
-        value = int(parts[0])
-        fields[key.strip()] = value * 1024 if len(parts) > 1 and parts[1] == "kB" else value
-    return fields
+    return {
+        key.strip(): int(value) * 1024 if kib else int(value)
+        for key, value, kib in _MEMINFO_FIELD.findall(text)
+    }
 
 
 def read_meminfo(proc_root: Path = DEFAULT_PROC_ROOT) -> dict[str, int]:
     """The kernel's own figures, {field: bytes}."""
     return parse_meminfo((proc_root / "meminfo").read_text())
-
-
-_PAGESET_COUNT = re.compile(r"^\s+count:\s+(\d+)", re.MULTILINE)
 
 
 def parse_zoneinfo_per_cpu_pages(text: str) -> int:
