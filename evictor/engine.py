@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import shlex
 import stat
@@ -20,10 +21,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from evictor import checkpoint, criu, reconcile, restore
-from evictor.config import Config
+from evictor.config import Config, Priorities
 from evictor.errors import EvictorError, ImageError, PreflightError, UsageError
 from evictor.images import ImageStore
 from evictor.journal import Journal, ManagedContainer
@@ -141,6 +142,42 @@ class Drain:
     out_of_time: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _JournalRead:
+    """The journal as an assessment reads it, and when that read still holds."""
+
+    version: tuple[int, int] | None  # Journal.version() then; None: no journal yet
+    since: float  # the histories hold the evictions and restores from then on
+    labels: dict[str, Label] = dataclasses.field(default_factory=dict)
+    histories: dict[str, History] = dataclasses.field(default_factory=dict)
+    managed: dict[str, ManagedContainer] = dataclasses.field(default_factory=dict)
+    discards: dict[str, int] = dataclasses.field(default_factory=dict)
+    eviction_rates: tuple[float, ...]
+
+    def holds(self, version: tuple[int, int], since: float) -> bool:
+        """Whether reading again now would give the same: nothing was committed, and
+        the events from ``since`` on are the ones held (none has aged out of them)."""
+        return version == self.version and self.since <= since <= self._oldest_event_at
+
+    @functools.cached_property
+    def _oldest_event_at(self) -> float:
+        times = [
+            t
+            for history in self.histories.values()
+            for t in (*history.eviction_times, history.last_restored_at)
+            if t is not None
+        ]
+        return min(times, default=math.inf)
+
+
+class _Resolved(NamedTuple):
+    """A container's priority, and what it was resolved from."""
+
+    rules: Priorities
+    label: Label | None
+    priority: Priority
+
+
 class Engine:
     def __init__(
         self,
@@ -154,6 +191,8 @@ class Engine:
         self._runtime = LxcRuntime(config.lxc_path, proc_root=proc_root, cgroup_root=cgroup_root)
         self._store = ImageStore(config.image_dir)
         self._monitor = Monitor(self._runtime, self._store, proc_root)
+        self._resolved_priorities: dict[str, _Resolved] = {}
+        self._journal_read: _JournalRead | None = None
         self._store.remove_set_aside()  # what a killed evictor left
 
     @functools.cached_property
@@ -192,21 +231,47 @@ class Engine:
     def _labels(self) -> dict[str, Label]:
         return self._journal.labels() if self._has_journal() else {}
 
+    def _read_journal(self, now: float) -> _JournalRead:
+        """What an assessment needs of the journal. Kept, and read again only when the
+        journal has changed (a commit, by any process) or an event the histories
+        hold has aged out of them: an idle daemon's ticks read it once."""
+        since = now - self._history_horizon_seconds()
+        if not self._has_journal():
+            return _JournalRead(version=None, since=since, eviction_rates=())
+        version = self._journal.version()
+        kept = self._journal_read
+        if kept is not None and kept.holds(version, since):
+            return kept
+        self._journal_read = _JournalRead(
+            version=version,
+            since=since,
+            labels=self._journal.labels(),
+            histories=self._journal.histories(since=since),
+            managed=self._journal.managed(),
+            discards=self._journal.discards(),
+            eviction_rates=tuple(self._journal.eviction_rates(last=10)),
+        )
+        return self._journal_read
+
     def _histories(self, now: float) -> dict[str, History]:
         if not self._has_journal():
             return {}
         return self._journal.histories(since=now - self._history_horizon_seconds())
 
     def _trend(
-        self, now: float, available_bytes: int, recent: Sequence[tuple[float, int]]
+        self,
+        now: float,
+        available_bytes: int,
+        recent: Sequence[tuple[float, int]],
+        rates: Sequence[float],
     ) -> MemoryTrend | None:
         """MemAvailable's slope over the last TREND_WINDOW_SECONDS, and the eviction
-        throughput lately (the median of the last few; a cautious default at first)."""
+        throughput lately (the median of the last few ``rates``; a cautious default at
+        first)."""
         samples = [(t, b) for t, b in recent if now - t <= TREND_WINDOW_SECONDS]
         slope = available_slope([*samples, (now, available_bytes)])
         if slope is None:
             return None
-        rates = self._journal.eviction_rates(last=10) if self._has_journal() else []
         return MemoryTrend(
             available_bytes_per_second=slope,
             eviction_bytes_per_second=(
@@ -238,13 +303,23 @@ class Engine:
         ``resume``). The journal is read once, for the plan and for whoever
         reports on it.
         """
-        labels = self._labels()
-        resolved: dict[str, Priority] = {}
+        journal = self._read_journal(now)
+        labels = journal.labels
+        rules = self.config.priorities
+        # Kept from one assessment to the next: a priority changes only with its
+        # label or the config, and is resolved again only then.
+        last = self._resolved_priorities
+        resolved: dict[str, _Resolved] = {}
 
         def priority(name: str) -> Priority:
-            if name not in resolved:
-                resolved[name] = resolve_priority(name, labels.get(name), self.config.priorities)
-            return resolved[name]
+            known = resolved.get(name)
+            if known is None:
+                label = labels.get(name)
+                known = last.get(name)
+                if known is None or known.rules is not rules or known.label != label:
+                    known = _Resolved(rules, label, resolve_priority(name, label, rules))
+                resolved[name] = known
+            return known.priority
 
         triggers = self.config.triggers
 
@@ -256,10 +331,12 @@ class Engine:
             )
 
         sample = self._monitor.sample(detail=detail, wants_pressure=None if detail else important)
-        trend = self._trend(now, sample.host.available_bytes, recent_available)
+        trend = self._trend(
+            now, sample.host.available_bytes, recent_available, journal.eviction_rates
+        )
         priorities = {c.name: priority(c.name) for c in sample.containers}
-        histories = self._histories(now)
-        managed = self._managed()
+        self._resolved_priorities = resolved
+        histories, managed = journal.histories, journal.managed
         store_size_bytes, store_free_bytes = self._store.capacity()
         empty = History()
         return Assessment(
@@ -286,7 +363,7 @@ class Engine:
             },
             store_size_bytes=store_size_bytes,
             store_free_bytes=store_free_bytes,
-            discards=self._journal.discards() if self._has_journal() else {},
+            discards=journal.discards,
         )
 
     # --- acting on one container ---

@@ -106,6 +106,7 @@ class Journal:
         os.chmod(path, 0o600)
         self.path = path
         self._lock = threading.RLock()  # the connection serves the daemon's threads
+        self._commits = 0  # by this connection: PRAGMA data_version counts the others'
         self._db = sqlite3.connect(
             path, timeout=10.0, isolation_level=None, check_same_thread=False
         )
@@ -130,6 +131,14 @@ class Journal:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._commits += 1
+
+    def version(self) -> tuple[int, int]:
+        """Differs after any commit to the journal, by this connection or another
+        (another process's): what was read before may be read again."""
+        with self._lock:
+            (data_version,) = self._db.execute("PRAGMA data_version").fetchone()
+            return self._commits, data_version
 
     def _read(self, query: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         """Rows of a query, read whole: one thread at a time uses the connection."""

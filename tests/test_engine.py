@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from evictor.config import Config
-from evictor.engine import Engine
+from evictor.config import Config, parse_config
+from evictor.engine import Assessment, Engine
 from evictor.errors import ContainerNotFound, UsageError
+from evictor.journal import Event, EventKind, Journal
 from evictor.model import Label
 from evictor.ranking import Action, Decision, Plan, Trigger, TriggerKind
 
@@ -91,6 +92,64 @@ def test_labels_persist_and_resolve(engine: Engine, tmp_path: Path) -> None:
     reopened.clear_label("web")
     assert engine.priorities(["web"])["web"].source == "default"
     reopened.close()
+
+
+def test_each_assessment_sees_the_labels_and_rules_of_its_time(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # A stopped container is enough: defined by its config file.
+    (tmp_path / "lxc" / "web").mkdir()
+    (tmp_path / "lxc" / "web" / "config").write_text("lxc.uts.name = web\n")
+
+    def web_priority() -> tuple[int, str]:
+        priority = engine.assess(now=1000.0, last_pressure_at=None).priorities["web"]
+        return priority.value, priority.source
+
+    assert web_priority() == (Config().priorities.default, "default")
+    # Labelled from elsewhere (a command's own process), between two assessments.
+    other = Engine(Config(lxc_path=tmp_path / "lxc", state_dir=tmp_path / "state"))
+    other.label("web", Label(priority=7))
+    assert web_priority() == (7, "label")
+    other.label("web", Label(priority=9))
+    assert web_priority() == (9, "label")
+    other.clear_label("web")
+    other.close()
+    assert web_priority() == (Config().priorities.default, "default")
+    engine.reconfigure(
+        parse_config(
+            {
+                "lxc_path": str(tmp_path / "lxc"),
+                "state_dir": str(tmp_path / "state"),
+                "priorities": {"rules": [{"match": "web*", "priority": 3}]},
+            }
+        )
+    )
+    assert web_priority() == (3, "rule 'web*'")
+
+
+def test_each_assessment_reads_the_journal_as_it_is_then(engine: Engine, tmp_path: Path) -> None:
+    """The daemon keeps what it read of the journal between ticks: a change made by
+    itself or by another process, or an event that ages out, is seen at once."""
+    (tmp_path / "lxc" / "web").mkdir()
+    (tmp_path / "lxc" / "web" / "config").write_text("lxc.uts.name = web\n")
+    window = Config().antithrash.window_seconds  # the longest the histories reach back
+
+    def assessed(now: float) -> Assessment:
+        return engine.assess(now=now, last_pressure_at=None)
+
+    engine.label("web", Label(priority=5))  # a commit by the engine itself
+    assert assessed(1000.0).priorities["web"].value == 5
+    engine.label("web", Label(priority=6))
+    assert assessed(1000.0).priorities["web"].value == 6
+    other = Journal(tmp_path / "state" / "journal.db")  # another process's connection
+    other.record(Event(container="web", at=1000.0, kind=EventKind.EVICTED, size_bytes=MIB))
+    other.record(Event(container="web", at=1010.0, kind=EventKind.DISCARDED))
+    seen = assessed(1020.0)
+    assert seen.histories["web"].eviction_times == (1000.0,)
+    assert seen.discards == {"web": 1}
+    assert assessed(1000.0 + window).histories["web"].eviction_times == (1000.0,)
+    assert "web" not in assessed(1000.0 + window + 1).histories  # aged out
+    other.close()
 
 
 def test_make_room_needs_a_size(engine: Engine) -> None:
