@@ -206,13 +206,11 @@ def read_usage_bytes(cgroup: MemoryCgroup) -> int:
     return int(read_text(usage_path(cgroup)))
 
 
-def read_usage_and_pressure(
-    cgroup: MemoryCgroup, *, pressure: bool = True, usage_fd: int | None = None
-) -> MemoryStats:
+def read_usage_and_pressure(cgroup: MemoryCgroup, *, pressure: bool = True) -> MemoryStats:
     """Usage and PSI only (the rest left 0, and the limit unknown): what the daemon
     needs every tick, at a third of ``read_memory_stats``'s cost. PSI only if
-    ``pressure``; the usage from ``usage_fd`` (its file kept open) if given."""
-    usage_bytes = read_usage_bytes(cgroup) if usage_fd is None else int(os.pread(usage_fd, 32, 0))
+    ``pressure``."""
+    usage_bytes = read_usage_bytes(cgroup)
     psi = None
     if pressure and cgroup.unified_path is not None:
         psi = read_pressure(f"{cgroup.unified_path}/memory.pressure")

@@ -187,17 +187,8 @@ class Monitor:
         for fd, _ in poller.poll(0):
             self._inits.pop(watched[fd]).close()
 
-    def _state(self, name: str, detail: bool) -> ContainerState:
-        """LXC's state; without ``detail``, the freezer's for a watched container
-        (LXC asks it too), and LXC's again when it is half-way (freezing)."""
-        init = self._inits.get(name)
-        if not detail and init is not None and init.watch is not None:
-            try:
-                frozen = cgroups.parse_freeze_state(os.pread(init.watch.freeze_fd, 16, 0))
-            except OSError:
-                frozen = None  # its cgroup has just gone
-            if frozen is not None:
-                return ContainerState.FROZEN if frozen else ContainerState.RUNNING
+    def _state(self, name: str) -> ContainerState:
+        """LXC's state; the init of a running or frozen container is then watched."""
         state, pid = self.runtime.state_and_pid(name)
         if state in (ContainerState.RUNNING, ContainerState.FROZEN) and pid is not None:
             self._find_init(name, pid)
@@ -226,7 +217,13 @@ class Monitor:
         detail: bool,
         pressure: bool,
     ) -> ContainerSample:
-        state = self._state(name, detail)
+        stale_image = image is not None and image.manifest is not None
+        init = self._inits.get(name)
+        if not detail and init is not None and init.watch is not None:
+            ticked = _tick_sample(name, config_digest, init, stale_image, pressure)
+            if ticked is not None:
+                return ticked
+        state = self._state(name)
         init = self._inits.get(name)
         if state in (ContainerState.RUNNING, ContainerState.FROZEN) and init is not None:
             cgroup = init.cgroup
@@ -235,11 +232,7 @@ class Monitor:
                     stats = (
                         cgroups.read_memory_stats(cgroup)
                         if detail
-                        else cgroups.read_usage_and_pressure(
-                            cgroup,
-                            pressure=pressure,
-                            usage_fd=None if init.watch is None else init.watch.usage_fd,
-                        )
+                        else cgroups.read_usage_and_pressure(cgroup, pressure=pressure)
                     )
                 except OSError:
                     pass  # stopped while we read it: sampled as it is next tick
@@ -247,7 +240,7 @@ class Monitor:
                     return ContainerSample(
                         name=name,
                         state=state,
-                        stale_image=image is not None and image.manifest is not None,
+                        stale_image=stale_image,
                         usage_bytes=stats.usage_bytes,
                         working_set_bytes=stats.working_set_bytes,
                         anon_bytes=stats.anon_bytes,
@@ -267,6 +260,35 @@ class Monitor:
                 config_digest=config_digest,
             )
         return ContainerSample(name=name, state=state, config_digest=config_digest)
+
+
+def _tick_sample(
+    name: str, config_digest: str, init: _Init, stale_image: bool, pressure: bool
+) -> ContainerSample | None:
+    """A tick's sample of a watched container, read from its files kept open (LXC
+    reads the freezer too); None if they do not tell: its cgroup has just gone, or
+    it is half-way frozen (LXC is asked then)."""
+    assert init.watch is not None and init.cgroup is not None  # a watch is on a cgroup
+    try:
+        frozen = cgroups.parse_freeze_state(os.pread(init.watch.freeze_fd, 16, 0))
+        usage_bytes = int(os.pread(init.watch.usage_fd, 32, 0))
+    except OSError:
+        return None
+    if frozen is None:
+        return None
+    unified = init.cgroup.unified_path
+    return ContainerSample(
+        name=name,
+        state=ContainerState.FROZEN if frozen else ContainerState.RUNNING,
+        stale_image=stale_image,
+        usage_bytes=usage_bytes,
+        pressure=(
+            cgroups.read_pressure(f"{unified}/memory.pressure")
+            if pressure and unified is not None
+            else None
+        ),
+        config_digest=config_digest,
+    )
 
 
 def _open_watch(pid: int, cgroup: cgroups.MemoryCgroup, freeze_path: Path) -> _Watch | None:
