@@ -338,7 +338,7 @@ def _cmd_status(args: argparse.Namespace, engine: Engine) -> int:
     now = time.time()
     assessment = engine.assess(now=now, last_pressure_at=None)
     sample, plan, priorities = assessment.sample, assessment.plan, assessment.priorities
-    standing, histories = assessment.standing, assessment.histories
+    standing, histories = engine.standing(assessment, now), assessment.histories
     if args.json:
         _print_json(
             {

@@ -76,7 +76,6 @@ class Assessment:
     priorities: dict[str, Priority]
     histories: dict[str, History]
     managed: dict[str, ManagedContainer]  # what the journal records of each container
-    standing: dict[str, str]  # may the planner evict it now? one phrase per container
     store_size_bytes: int
     store_free_bytes: int
     discards: dict[str, int] = dataclasses.field(default_factory=dict)  # ever, per container
@@ -338,7 +337,6 @@ class Engine:
         self._resolved_priorities = resolved
         histories, managed = journal.histories, journal.managed
         store_size_bytes, store_free_bytes = self._store.capacity()
-        empty = History()
         return Assessment(
             sample=sample,
             plan=plan(
@@ -355,16 +353,25 @@ class Engine:
             priorities=priorities,
             histories=histories,
             managed=managed,
-            standing={
-                c.name: eligibility(
-                    c, priorities[c.name], histories.get(c.name, empty), self.config, now
-                )
-                for c in sample.containers
-            },
             store_size_bytes=store_size_bytes,
             store_free_bytes=store_free_bytes,
             discards=journal.discards,
         )
+
+    def standing(self, assessment: Assessment, now: float) -> dict[str, str]:
+        """May the planner evict each container now? One phrase each, for ``status``
+        (made on demand: a tick does not need it)."""
+        empty = History()
+        return {
+            c.name: eligibility(
+                c,
+                assessment.priorities[c.name],
+                assessment.histories.get(c.name, empty),
+                self.config,
+                now,
+            )
+            for c in assessment.sample.containers
+        }
 
     # --- acting on one container ---
 

@@ -76,7 +76,7 @@ def test_a_stopping_daemon_starts_nothing_more(engine: Engine) -> None:
 def test_an_empty_host(engine: Engine, tmp_path: Path) -> None:
     assessment = engine.assess(now=1000.0, last_pressure_at=None)
     assert assessment.sample.containers == () and not assessment.plan.pressure
-    assert assessment.standing == {} and assessment.images_bytes == 0
+    assert engine.standing(assessment, 1000.0) == {} and assessment.images_bytes == 0
     assert not (tmp_path / "state").exists()  # looking creates nothing
     drained = engine.drain(include_all=False)
     assert drained.outcomes == () and drained.protected == drained.kept == ()

@@ -63,7 +63,6 @@ def snapshot(*names: str) -> Assessment:
             )
         },
         managed={},
-        standing={},
         store_size_bytes=10,
         store_free_bytes=5,
     )
