@@ -132,6 +132,9 @@ class Monitor:
         self.proc_root = proc_root
         # A container's cgroup is fixed while its init lives: found once per init.
         self._inits: dict[str, _Init] = {}
+        # The watched inits' pidfds, all polled at once at each tick.
+        self._pidfds = select.poll()
+        self._watched: dict[int, str] = {}  # pidfd: container
 
     def sample(
         self,
@@ -165,27 +168,27 @@ class Monitor:
                 continue  # deleted between the listing and the sample
         known = {c.name for c in containers} | skip
         for name in self._inits.keys() - known:
-            self._inits.pop(name).close()
+            self._forget(name)
         orphans = tuple(n for n, i in images.items() if i.manifest is not None and n not in known)
         return Sample(
             host=sample_host(self.proc_root), containers=tuple(containers), orphan_images=orphans
         )
 
     def close(self) -> None:
-        for init in self._inits.values():
-            init.close()
-        self._inits.clear()
+        for name in list(self._inits):
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        init = self._inits.pop(name)
+        if init.watch is not None:
+            self._pidfds.unregister(init.watch.pidfd)
+            del self._watched[init.watch.pidfd]
+        init.close()
 
     def _forget_ended_inits(self) -> None:
         """Drop the watched inits that have exited: one poll for the whole fleet."""
-        watched = {i.watch.pidfd: n for n, i in self._inits.items() if i.watch is not None}
-        if not watched:
-            return
-        poller = select.poll()
-        for fd in watched:
-            poller.register(fd, select.POLLIN)
-        for fd, _ in poller.poll(0):
-            self._inits.pop(watched[fd]).close()
+        for pidfd, _ in self._pidfds.poll(0):
+            self._forget(self._watched[pidfd])
 
     def _state(self, name: str) -> ContainerState:
         """LXC's state; the init of a running or frozen container is then watched."""
@@ -199,14 +202,20 @@ class Monitor:
         if init is not None and init.pid == pid:
             return
         if init is not None:
-            self._inits.pop(name).close()
+            self._forget(name)
         cgroup = cgroups.memory_cgroup_of(
             pid, proc_root=self.proc_root, cgroup_root=self.runtime.cgroup_root, container=name
         )
         watch = None
-        watched = sum(i.watch is not None for i in self._inits.values())
-        if cgroup is not None and cgroup.freeze_path is not None and watched < MAX_WATCHED_INITS:
+        if (
+            cgroup is not None
+            and cgroup.freeze_path is not None
+            and len(self._watched) < MAX_WATCHED_INITS
+        ):
             watch = _open_watch(pid, cgroup, cgroup.freeze_path)
+        if watch is not None:
+            self._pidfds.register(watch.pidfd, select.POLLIN)
+            self._watched[watch.pidfd] = name
         self._inits[name] = _Init(pid, cgroup, watch)
 
     def _sample_container(
