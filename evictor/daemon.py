@@ -74,6 +74,7 @@ class Daemon:
         )
         # Held by a tick, and by a reload: the config never changes under a tick.
         self._tick_lock = threading.Lock()
+        self._reload_asked = threading.Event()  # by a SIGHUP: see ask_reload
         self._scheduler: BackgroundScheduler | None = None
         self._server: WSGIServer | None = None
         self._lock_fd: int | None = None
@@ -115,6 +116,7 @@ class Daemon:
         started = time.monotonic()
         try:
             with self._tick_lock:
+                self._reload_if_asked()
                 self._tick()
         except Exception:
             log.exception("tick failed")
@@ -161,8 +163,7 @@ class Daemon:
         # The ticks run in the scheduler's own thread (its debug executor), not handed
         # to a pool: one thread fewer to wake each tick, and never two ticks at once.
         self._scheduler = BackgroundScheduler(
-            executors={"default": DebugExecutor()},
-            job_defaults={"coalesce": True, "max_instances": 1},
+            executors={"default": DebugExecutor()}, job_defaults={"coalesce": True}
         )
         interval = self.engine.config.interval_seconds
         self._scheduler.add_job(
@@ -213,11 +214,28 @@ class Daemon:
             ", ".join(left) or "none",
         )
 
+    def ask_reload(self) -> None:
+        """Reload the config now, or, if a tick is under way, as the next one starts:
+        the main thread, which reads the signals, never waits for a tick (a stop
+        must be read at once, to stop a round of evictions between two)."""
+        self._reload_asked.set()
+        if self._tick_lock.acquire(blocking=False):
+            try:
+                self._reload_if_asked()
+            finally:
+                self._tick_lock.release()
+
+    def _reload_if_asked(self) -> None:
+        """With the tick lock held: the config never changes under a tick."""
+        if self._reload_asked.is_set():
+            self._reload_asked.clear()
+            self.reload()
+
     def reload(self) -> bool:
-        """Load the config again and act on it from the next tick. A config that does
-        not validate, or that changes what only a restart can (the LXC path, the state
-        directory, the metrics listener), is refused in one logged line, and the
-        running config is kept."""
+        """Load the config again and act on it from the next tick (the caller holds
+        the tick lock). A config that does not validate, or that changes what only a
+        restart can (the LXC path, the state directory, the metrics listener), is
+        refused in one logged line, and the running config is kept."""
         if self.load_config is None:
             return False
         old = self.engine.config
@@ -225,8 +243,7 @@ class Daemon:
             new = self.load_config()
             if new.metrics != old.metrics:
                 raise UsageError("metrics changed: restart evictor to apply it")
-            with self._tick_lock:
-                self.engine.reconfigure(new)
+            self.engine.reconfigure(new)
         except EvictorError as error:
             log.error("reload refused, the running config is kept: %s", error)
             return False
@@ -250,7 +267,7 @@ class Daemon:
         try:
             self.start()
             while (signum := _next_signal(signals_read)) not in _STOP_SIGNALS:
-                self.reload()
+                self.ask_reload()
             log.info("%s received: stopping after the current action", signum.name)
         finally:
             signal.set_wakeup_fd(previous_wakeup_fd)
