@@ -58,6 +58,7 @@ MIB = 1 << 20
 SIZES_MIB = (16, 32, 64, 128, 256, 32, 64, 16, 128, 32, 64, 16)  # a dozen, 848 MiB in all
 STORE_BYTES = 6 << 30
 READY = "running: a tick every"  # what the daemon logs once it runs
+RELOADED = "reloaded: "  # what it logs once a new config acts
 MOST_STOPPED_BY_HAND = 2
 FAULTS = (
     "kill-daemon",
@@ -167,14 +168,22 @@ class Chaos:
     def start_daemon(self) -> None:
         """Start the daemon and wait until it runs: a SIGHUP before it set its handler
         would kill it (systemd holds reloads back until READY=1)."""
-        log = self.root / "daemon.log"
-        ready = log.read_text().count(READY)
+        ready = self.logged(READY)
         argv = [sys.executable, "-m", "evictor.cli", "-c", str(self.config), "run"]
         self.daemon = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_for_log(READY, more_than=ready, what="the daemon did not start")
+
+    def logged(self, text: str) -> int:
+        """How many times the daemons' log holds ``text``."""
+        return (self.root / "daemon.log").read_text().count(text)
+
+    def wait_for_log(self, text: str, *, more_than: int, what: str) -> None:
         deadline = time.monotonic() + 120
-        while log.read_text().count(READY) == ready:
-            if self.daemon.poll() is not None or time.monotonic() > deadline:
-                raise EvictorError(f"the daemon did not start: see {log}")
+        while self.logged(text) <= more_than:
+            if self.daemon is None or self.daemon.poll() is not None:
+                raise EvictorError(f"{what}: the daemon ended; see {self.root / 'daemon.log'}")
+            if time.monotonic() > deadline:
+                raise EvictorError(f"{what}: see {self.root / 'daemon.log'}")
             time.sleep(0.05)
 
     def sample_daemon(self) -> None:
@@ -319,8 +328,12 @@ def _run(chaos: Chaos, minutes: float, report: Report) -> None:
     # The end: room for all, every container stopped by hand started again.
     if chaos.daemon is None or chaos.daemon.poll() is not None:
         chaos.start_daemon()
+    reloads = chaos.logged(RELOADED)
     chaos.pressure = True
     chaos.flip_pressure()
+    # Until the daemon acts on the room, a round of evictions may go on: every
+    # container running before then proves nothing.
+    chaos.wait_for_log(RELOADED, more_than=reloads, what="the last budget was not taken")
     for name in sorted(chaos.stopped_by_hand):
         if runtime.state(name) is ContainerState.STOPPED:
             chaos.start_by_hand(name)
