@@ -42,7 +42,7 @@ class Sample:
 
 
 # One regex over the whole text: a tick reads both files, and a loop over their
-# lines in Python costs several times the kernel's making them.
+# lines in Python cost as much as the kernel's making them, or more.
 _MEMINFO_FIELD = re.compile(r"^([^:\n]+):[ \t]+(\d+)( kB)?$", re.MULTILINE)
 _PAGESET_COUNT = re.compile(r"\n +count: +(\d+)")
 
