@@ -18,6 +18,7 @@ import dataclasses
 import os
 import re
 import select
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,6 +136,8 @@ class Monitor:
         # The watched inits' pidfds, all polled at once at each tick.
         self._pidfds = select.poll()
         self._watched: dict[int, str] = {}  # pidfd: container
+        # One sample at a time: the demo reads through the daemon's engine while it ticks.
+        self._lock = threading.Lock()
 
     def sample(
         self,
@@ -153,6 +156,12 @@ class Monitor:
         not asked the state of a container whose init still runs (its cgroup says
         whether it is frozen). ``wants_pressure``: whose PSI to read (default all).
         """
+        with self._lock:
+            return self._sample(skip, detail, wants_pressure)
+
+    def _sample(
+        self, skip: frozenset[str], detail: bool, wants_pressure: Callable[[str], bool] | None
+    ) -> Sample:
         self._forget_ended_inits()
         images = {image.container: image for image in self.store.images()}
         containers = []
@@ -175,8 +184,9 @@ class Monitor:
         )
 
     def close(self) -> None:
-        for name in list(self._inits):
-            self._forget(name)
+        with self._lock:
+            for name in list(self._inits):
+                self._forget(name)
 
     def _forget(self, name: str) -> None:
         init = self._inits.pop(name)

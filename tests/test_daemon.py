@@ -4,23 +4,12 @@ on real containers in tests/integration/test_daemon.py."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from evictor.config import Config, parse_config
+from evictor.config import parse_config
 from evictor.daemon import Daemon
 from evictor.engine import Engine
 from evictor.metrics import Metrics
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    (tmp_path / "lxc").mkdir()
-    opened = Engine(Config(lxc_path=tmp_path / "lxc", state_dir=tmp_path / "state"))
-    yield opened
-    opened.close()
 
 
 def test_a_reload_never_waits_for_a_tick(engine: Engine, tmp_path: Path) -> None:

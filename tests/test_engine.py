@@ -4,7 +4,6 @@ to containers is tested on real ones in tests/integration/."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from evictor.model import Label
 from evictor.ranking import Action, Decision, Plan, Trigger, TriggerKind
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    (tmp_path / "lxc").mkdir()
-    opened = Engine(Config(lxc_path=tmp_path / "lxc", state_dir=tmp_path / "state"))
-    yield opened
-    opened.close()
 
 
 def eviction(name: str, size_mib: int) -> Decision:
