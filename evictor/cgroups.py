@@ -210,18 +210,21 @@ def read_usage_and_pressure(cgroup: MemoryCgroup, *, pressure: bool = True) -> M
     """Usage and PSI only (the rest left 0, and the limit unknown): what the daemon
     needs every tick, at a third of ``read_memory_stats``'s cost. PSI only if
     ``pressure``."""
-    usage_bytes = read_usage_bytes(cgroup)
-    psi = None
-    if pressure and cgroup.unified_path is not None:
-        psi = read_pressure(f"{cgroup.unified_path}/memory.pressure")
     return MemoryStats(
-        usage_bytes=usage_bytes,
+        usage_bytes=read_usage_bytes(cgroup),
         working_set_bytes=0,
         anon_bytes=0,
         file_bytes=0,
         limit_bytes=None,
-        pressure=psi,
+        pressure=read_cgroup_pressure(cgroup) if pressure else None,
     )
+
+
+def read_cgroup_pressure(cgroup: MemoryCgroup) -> Pressure | None:
+    """The cgroup's memory PSI; None where it has no cgroup2 directory."""
+    if cgroup.unified_path is None:
+        return None
+    return read_pressure(f"{cgroup.unified_path}/memory.pressure")
 
 
 def read_memory_stats(cgroup: MemoryCgroup) -> MemoryStats:

@@ -295,17 +295,12 @@ def _tick_sample(
         return None
     if frozen is None:
         return None
-    unified = init.cgroup.unified_path
     return ContainerSample(
         name=name,
         state=ContainerState.FROZEN if frozen else ContainerState.RUNNING,
         stale_image=stale_image,
         usage_bytes=usage_bytes,
-        pressure=(
-            cgroups.read_pressure(f"{unified}/memory.pressure")
-            if pressure and unified is not None
-            else None
-        ),
+        pressure=cgroups.read_cgroup_pressure(init.cgroup) if pressure else None,
         config_digest=config_digest,
     )
 
