@@ -25,6 +25,7 @@ from pathlib import Path
 from evictor import cgroups
 from evictor.errors import ContainerNotFound
 from evictor.images import ImageStore, StoredImage
+from evictor.lxc_listing import WatchedListing
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerSample, ContainerState, HostSample
 from evictor.units import PAGE_SIZE_BYTES
@@ -138,6 +139,7 @@ class Monitor:
         self._watched: dict[int, str] = {}  # pidfd: container
         # One sample at a time: the demo reads through the daemon's engine while it ticks.
         self._lock = threading.Lock()
+        self._listing = WatchedListing(runtime)
 
     def sample(
         self,
@@ -165,7 +167,7 @@ class Monitor:
         self._forget_ended_inits()
         images = {image.container: image for image in self.store.images()}
         containers = []
-        for name, config_digest in self.runtime.defined().items():
+        for name, config_digest in self._listing.defined().items():
             if name in skip:
                 continue
             pressure = wants_pressure is None or wants_pressure(name)
@@ -187,6 +189,7 @@ class Monitor:
         with self._lock:
             for name in list(self._inits):
                 self._forget(name)
+            self._listing.close()
 
     def _forget(self, name: str) -> None:
         init = self._inits.pop(name)
