@@ -156,7 +156,9 @@ class Monitor:
         and PSI only: the working set, anon/file split and limit cost the kernel a
         walk of its memory.stat, and only ``evictor status`` shows them; and LXC is
         not asked the state of a container whose init still runs (its cgroup says
-        whether it is frozen). ``wants_pressure``: whose PSI to read (default all).
+        whether it is frozen); and the LXC path is listed through its inotify watch
+        (lxc_listing), which a command's one sample would not repay.
+        ``wants_pressure``: whose PSI to read (default all).
         """
         with self._lock:
             return self._sample(skip, detail, wants_pressure)
@@ -167,7 +169,8 @@ class Monitor:
         self._forget_ended_inits()
         images = {image.container: image for image in self.store.images()}
         containers = []
-        for name, config_digest in self._listing.defined().items():
+        defined = self.runtime.defined() if detail else self._listing.defined()
+        for name, config_digest in defined.items():
             if name in skip:
                 continue
             pressure = wants_pressure is None or wants_pressure(name)

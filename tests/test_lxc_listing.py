@@ -13,8 +13,10 @@ import pytest
 from inotify_simple import Event, flags
 
 from evictor import lxc_listing
+from evictor.images import ImageStore
 from evictor.lxc_listing import WatchedListing
 from evictor.lxc_runtime import LxcRuntime
+from evictor.monitor import Monitor
 
 
 def _container(lxc_path: Path, name: str, text: str = "lxc.uts.name = x\n") -> Path:
@@ -165,3 +167,28 @@ def test_an_lxc_path_made_later_is_watched_once_it_exists(tmp_path: Path) -> Non
         assert listing.defined() == LxcRuntime(lxc_path).defined()
     finally:
         listing.close()
+
+
+def _inotify_instances() -> int:
+    return sum(
+        os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
+
+
+def test_only_the_ticks_watch_the_lxc_path(lxc_path: Path, tmp_path: Path) -> None:
+    """A command's one detailed sample lists in full; the daemon's ticks (not
+    detailed) keep a watch, until the monitor is closed."""
+    before = _inotify_instances()
+    monitor = Monitor(LxcRuntime(lxc_path), ImageStore(tmp_path / "images"))
+    try:
+        detailed = monitor.sample(detail=True)
+        assert _inotify_instances() == before
+        ticked = monitor.sample(detail=False)
+        assert _inotify_instances() == before + 1
+        assert [c.name for c in ticked.containers] == [c.name for c in detailed.containers]
+        assert [c.name for c in ticked.containers] == ["c1", "c2"]
+    finally:
+        monitor.close()
+    assert _inotify_instances() == before
