@@ -31,6 +31,9 @@ _PASSING_CAUSES = (
     "Resource temporarily unavailable",
     # a netlink socket with unread messages (networkd just got a DHCP lease)
     "The socket has data to read",
+    # a message still queued on a unix socket that asks for its sender's credentials
+    # (SO_PASSCRED, SO_PASSPIDFD): systemd's notify socket and journald's, until read
+    "Control messages in queue",
 )
 
 

@@ -127,9 +127,10 @@ def test_a_missing_criu_is_a_preflight_error(tmp_path: Path) -> None:
         (("Error (criu/files.c:1): Can't dump file 7 of that type",), True),
         (("Error (criu/image.c:1): Unable to write: No space left on device",), False),
         (("Error (criu/sk-netlink.c:77): netlink: The socket has data to read",), False),
+        (("Error (criu/sk-queue.c:144): skqueue: Control messages in queue",), False),
         ((), False),  # CRIU killed or timed out: it logged no reason
     ],
-    ids=["tty", "unsupported fd", "disk full", "netlink data", "no reason"],
+    ids=["tty", "unsupported fd", "disk full", "netlink data", "queued credentials", "no reason"],
 )
 def test_only_a_cause_in_the_container_persists(lines: tuple[str, ...], persists: bool) -> None:
     assert criu.cause_persists(lines) is persists
