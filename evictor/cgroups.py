@@ -254,20 +254,31 @@ def read_memory_stats(cgroup: MemoryCgroup) -> MemoryStats:
 
 
 def tree(root: Path) -> list[Path]:
-    """``root`` and every cgroup below it."""
-    return [root, *(p.parent for p in root.rglob("*/cgroup.threads"))]
+    """``root`` and every cgroup below it (cgroup2 or v1)."""
+    return [root, *(p.parent for p in root.rglob("*/cgroup.procs"))]
 
 
 def frozen(root: Path) -> list[Path]:
-    """The cgroup2 directories in ``root``'s tree that are frozen (``cgroup.freeze`` 1)."""
+    """The freezer files in ``root``'s tree that hold a cgroup frozen: cgroup2's
+    ``cgroup.freeze`` at 1, or the ``freezer.state`` of a v1 freezer cgroup frozen
+    itself (``freezer.self_freezing`` 1; those below it follow it)."""
     found = []
     for directory in tree(root):
-        try:
-            if read_text(directory / "cgroup.freeze").strip() == "1":
-                found.append(directory)
-        except OSError:
-            continue  # gone meanwhile
+        for flag, control in (
+            ("cgroup.freeze", "cgroup.freeze"),
+            ("freezer.self_freezing", "freezer.state"),
+        ):
+            try:
+                if read_text(directory / flag).strip() == "1":
+                    found.append(directory / control)
+            except OSError:
+                continue  # not this hierarchy's, or gone meanwhile
     return found
+
+
+def thaw(freezer_file: Path) -> None:
+    """Thaw the cgroup of a freezer file that ``frozen`` found."""
+    freezer_file.write_text("0" if freezer_file.name == "cgroup.freeze" else "THAWED")
 
 
 def stopped_threads(root: Path, proc_root: Path = Path("/proc")) -> frozenset[int]:

@@ -168,8 +168,9 @@ class LxcRuntime:
         """Make the container's threads run again after a dump that failed midway; say
         what still does not run, or return None: it all runs.
 
-        A CRIU killed while it held the container can leave a cgroup of it frozen
-        or threads stopped, while LXC already calls it RUNNING: each such cgroup is
+        A CRIU killed while it held the container can leave threads stopped, or a
+        cgroup of it frozen while LXC calls it RUNNING (LXC knows only its own
+        freezes; on a hybrid host CRIU freezes the v1 freezer): each such cgroup is
         thawed, and each thread stopped now but not before the dump gets SIGCONT.
         """
         cgroup = self.memory_cgroup(name)
@@ -179,11 +180,7 @@ class LxcRuntime:
         deadline = time.monotonic() + timeout_seconds
         continued: set[int] = set()
         while True:
-            frozen = cgroups.frozen(root)
-            for directory in frozen:
-                log.warning("%s: thawing %s, left frozen by the failed dump", name, directory)
-                with contextlib.suppress(OSError):
-                    (directory / "cgroup.freeze").write_text("0")
+            frozen = self.thaw_cgroups(name, cgroup)
             stuck = cgroups.stopped_threads(root, self.proc_root) - stopped_before
             for tid in stuck - continued:
                 log.warning("%s: thread %d left stopped by the failed dump: SIGCONT", name, tid)
@@ -193,10 +190,26 @@ class LxcRuntime:
             if not stuck and not frozen:
                 return None
             if time.monotonic() > deadline:
-                still = [f"cgroup {d} frozen" for d in frozen]
+                still = [f"cgroup {f.parent} frozen" for f in frozen]
                 still += [f"thread {tid} stopped" for tid in sorted(stuck)]
                 return ", ".join(still)
             time.sleep(0.05)
+
+    def thaw_cgroups(self, name: str, cgroup: cgroups.MemoryCgroup | None = None) -> list[Path]:
+        """Thaw every cgroup of the running container that a freezer holds, in the
+        cgroup2 tree and the v1 freezer's alike, and return their freezer files."""
+        cgroup = cgroup or self.memory_cgroup(name)
+        if cgroup is None:
+            return []
+        roots = {cgroup.unified_path}
+        if cgroup.freeze_path is not None:
+            roots.add(cgroup.freeze_path.parent)  # the v1 freezer's, on a hybrid host
+        frozen = [f for root in roots if root is not None for f in cgroups.frozen(root)]
+        for freezer_file in frozen:
+            log.warning("%s: thawing %s, left frozen by CRIU", name, freezer_file.parent)
+            with contextlib.suppress(OSError):
+                cgroups.thaw(freezer_file)
+        return frozen
 
     def thaw(self, name: str) -> None:
         if not self._container(name).unfreeze():

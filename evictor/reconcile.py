@@ -8,8 +8,9 @@ complete committed image, or FAILED with its image kept for the operator:
 
 - EVICTING, container RUNNING (the dump failed or never began): the partial
   image is removed.
-- EVICTING or RESTORING, container FROZEN (CRIU killed while it held the
-  freezer): thawed, then as RUNNING.
+- EVICTING or RESTORING, container FROZEN, or RUNNING with a cgroup frozen
+  (CRIU killed while it held the freezer; LXC sees only its own freezes):
+  thawed, then as RUNNING.
 - EVICTING, container STOPPED with a complete dump (CRIU writes ``stats-dump``
   and ``inventory.img`` only when it succeeds): the image is sealed and
   committed, as the eviction would have done.
@@ -162,6 +163,7 @@ def _settle_in_flight(
         runtime.wait_for_state(name, ContainerState.STOPPED, STOP_TIMEOUT_SECONDS)
         state = runtime.state(name)
     if state is ContainerState.RUNNING:
+        runtime.thaw_cgroups(name)  # a freezer a killed CRIU held, which LXC does not see
         if was is Managed.RESTORING:
             if image is ImageState.COMMITTED:
                 store.discard(name)

@@ -18,6 +18,7 @@ from evictor.cgroups import (
     parse_proc_cgroup,
     read_memory_stats,
     stopped_threads,
+    thaw,
 )
 from evictor.model import Pressure
 
@@ -212,12 +213,29 @@ def test_frozen_cgroups_and_stopped_threads_are_found_in_the_whole_tree(tmp_path
     (child / "cgroup.freeze").write_text("1\n")
     (root / "cgroup.threads").write_text("10\n11\n")
     (child / "cgroup.threads").write_text("12\n13\n")
+    (child / "cgroup.procs").write_text("12\n")
     states = {10: "S", 11: "T", 12: "R", 13: "t"}
     for tid, state in states.items():
         (proc / str(tid)).mkdir(parents=True)
         # A command name with spaces and parentheses: the state follows the last ")".
         (proc / str(tid) / "stat").write_text(f"{tid} (a (b) c) {state} 1 2 3\n")
-    assert frozen(root) == [child]
+    assert frozen(root) == [child / "cgroup.freeze"]
     assert stopped_threads(root, proc) == {11, 13}
     (proc / "11" / "stat").unlink()  # exited meanwhile
     assert stopped_threads(root, proc) == {13}
+    thaw(child / "cgroup.freeze")
+    assert frozen(root) == []
+
+
+def test_a_v1_freezer_frozen_by_itself_is_found_and_thawed(tmp_path: Path) -> None:
+    # As a CRIU killed after it froze a container leaves it, on a hybrid host: the
+    # container's freezer FROZEN, the cgroups below it frozen through it.
+    root, child = tmp_path / "lxc.payload.c1", tmp_path / "lxc.payload.c1" / "inner"
+    child.mkdir(parents=True)
+    for directory, self_freezing in ((root, "1"), (child, "0")):
+        (directory / "cgroup.procs").write_text("")
+        (directory / "freezer.state").write_text("FROZEN\n")
+        (directory / "freezer.self_freezing").write_text(f"{self_freezing}\n")
+    assert frozen(root) == [root / "freezer.state"]
+    thaw(root / "freezer.state")
+    assert (root / "freezer.state").read_text() == "THAWED"

@@ -9,12 +9,13 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from evictor import checkpoint, reconcile, restore
+from evictor import checkpoint, lifecycle, reconcile, restore
 from evictor.config import Config
 from evictor.daemon import Daemon
 from evictor.engine import Engine
@@ -150,6 +151,60 @@ def test_criu_killed_while_it_holds_the_dumped_container_leaves_it_running(
     assert runtime.state(name) is ContainerState.RUNNING
     assert journal.managed()[name].state is Managed.RUNNING
     assert store.image_state(name) is ImageState.NONE
+    testbed.wait_alive(runtime, name, original=before)
+
+
+def freeze_as_criu_does(runtime: LxcRuntime, name: str) -> None:
+    """Freeze the container's freezer cgroup as CRIU does before it seizes the tasks
+    (the v1 freezer on a hybrid host, cgroup2's on a pure one); LXC does not see it."""
+    cgroup = runtime.memory_cgroup(name)
+    assert cgroup is not None and cgroup.freeze_path is not None
+    freezer = cgroup.freeze_path
+    freezer.write_text("FROZEN" if freezer.name == "freezer.state" else "1")
+    assert runtime.state(name) is ContainerState.RUNNING  # as LXC tells it
+
+
+def test_criu_killed_after_it_froze_the_container_leaves_it_running(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    criu_hold: Callable[[str], CriuHold],
+) -> None:
+    """CRIU freezes the container's freezer cgroup, then seizes its tasks: killed in
+    between (a chaos run met it), it leaves the freezer frozen and LXC calls the
+    container RUNNING. The rollback thaws it: the workload runs on."""
+    name = workload(memory_mib=64)
+    before = testbed.wait_for_counter(runtime, name, above=0)
+    hold = criu_hold(name)
+    hold.arm("pre-dump")
+    thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
+    hold.wait_reached()
+    freeze_as_criu_does(runtime, name)
+    for pid in runtime.tools_using(store.path(name)):
+        os.kill(pid, signal.SIGKILL)
+    hold.release()
+    thread.join(timeout=120)
+    assert len(errors) == 1 and isinstance(errors[0], CheckpointFailed), errors
+    assert runtime.state(name) is ContainerState.RUNNING
+    assert journal.managed()[name].state is Managed.RUNNING
+    assert store.image_state(name) is ImageState.NONE
+    testbed.wait_alive(runtime, name, original=before)
+
+
+def test_an_interrupted_eviction_s_frozen_freezer_is_thawed_when_settled(
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
+) -> None:
+    """evictor and its CRIU both killed while CRIU held the freezer (systemd's stop
+    kills the whole service): the next settle thaws it."""
+    name = workload(memory_mib=32)
+    before = testbed.wait_for_counter(runtime, name, above=0)
+    lifecycle.move(journal, name, Managed.EVICTING, at=time.time(), reason="test")
+    freeze_as_criu_does(runtime, name)
+    with store.lock(name):
+        outcome = reconcile.settle(runtime, store, journal, name)
+    assert outcome is not None and "RUNNING" in outcome
+    assert journal.managed()[name].state is Managed.RUNNING
     testbed.wait_alive(runtime, name, original=before)
 
 
