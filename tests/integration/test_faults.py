@@ -192,6 +192,37 @@ def test_criu_killed_after_it_froze_the_container_leaves_it_running(
     testbed.wait_alive(runtime, name, original=before)
 
 
+def test_a_process_that_ends_during_a_failed_dump_is_named(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    criu_hold: Callable[[str], CriuHold],
+) -> None:
+    """A CRIU killed while its code is in a task takes that task with it (it runs on
+    into the code and dies of SIGTRAP; a chaos run met it). That cannot be undone:
+    the failure names the process, in the error, the journal and the log. Here the
+    workload's child is killed by hand where CRIU holds, with CRIU."""
+    name = workload(memory_mib=32)
+    testbed.wait_for_counter(runtime, name, above=0)
+    child_pid = max(pid for pid, command in runtime.processes(name) if command == "memhog")
+    hold = criu_hold(name)
+    hold.arm("pre-dump")
+    thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
+    hold.wait_reached()
+    os.kill(child_pid, signal.SIGKILL)
+    for pid in runtime.tools_using(store.path(name)):
+        os.kill(pid, signal.SIGKILL)
+    hold.release()
+    thread.join(timeout=120)
+    named = f"processes ended during the dump: memhog ({child_pid})"
+    assert len(errors) == 1 and named in str(errors[0]), errors
+    (event,) = journal.events()
+    assert event.kind is EventKind.EVICT_FAILED and named in event.detail
+    assert named in journal.managed()[name].reason
+    assert runtime.state(name) is ContainerState.RUNNING
+
+
 def test_an_interrupted_eviction_s_frozen_freezer_is_thawed_when_settled(
     runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
@@ -228,7 +259,7 @@ def test_a_container_stopped_by_hand_during_its_dump_is_left_to_the_operator(
     assert len(errors) == 1 and isinstance(errors[0], CheckpointFailed), errors
     assert runtime.state(name) is ContainerState.STOPPED
     managed = journal.managed()[name]
-    assert managed.state is Managed.RUNNING and "stopped outside evictor" in managed.reason
+    assert managed.state is Managed.RUNNING and "stopped during the dump" in managed.reason
     assert store.image_state(name) is ImageState.NONE
     assert not list(store.root.glob(f".{name}.kept-*"))
 
