@@ -30,7 +30,7 @@ from evictor.journal import Event, EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
 from evictor.model import ContainerConfig, ContainerState, Managed, validate_container_name
-from evictor.reconcile import dump_is_complete, settle
+from evictor.reconcile import dump_is_written, settle
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +285,17 @@ def _roll_back(
     if state is ContainerState.FROZEN:
         runtime.thaw(name)
         state = runtime.state(name)
-    if state is ContainerState.STOPPED and not dump_is_complete(store, name):
+    written = dump_is_written(store, name)
+    if written and state is ContainerState.RUNNING and processes_before - runtime.processes(name):
+        # CRIU was killed as it stopped the tasks after a complete dump (a chaos run
+        # met it): stop the rest, and restore them all from that dump.
+        log.warning("%s: its dump was complete and its tasks were being stopped", name)
+        runtime.stop(name)
+        state = runtime.state(name)
+    if state is ContainerState.STOPPED and not written:
         # CRIU stops a container only after a complete dump: someone else stopped
-        # it meanwhile (lxc-stop), and its running state went with that.
+        # it meanwhile (lxc-stop), or its init ended with a killed CRIU, and its
+        # running state went with that.
         store.discard_partial(name)
         why = (
             f"eviction failed ({error}): stopped during the dump, by hand or with its killed"

@@ -80,6 +80,12 @@ def dump_is_complete(store: ImageStore, name: str) -> bool:
         criu.read_dump_stats(store.path(name))
     except (OSError, CriuOutputError):
         return False
+    return dump_is_written(store, name)
+
+
+def dump_is_written(store: ImageStore, name: str) -> bool:
+    """Whether CRIU has written the whole dump. It writes ``inventory.img`` last, then
+    flushes the images, stops the tasks, and only then writes ``stats-dump``."""
     return (store.path(name) / "inventory.img").is_file()
 
 
