@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 FREE_SPACE_MARGIN_BYTES = 64 << 20
 FREE_SPACE_MARGIN_RATIO = 0.05
 
-# After a failed dump, how long the container's threads have to be seen running again.
+# After a failed dump, how long the container's threads have to be seen running again,
+# and then how long those let go run before the processes that ended are counted.
 RELEASE_TIMEOUT_SECONDS = 5.0
+RELEASE_SETTLE_SECONDS = 0.5
 
 
 # A trial dump that fails for a cause that may pass is tried this often, this far apart.
@@ -276,7 +278,9 @@ def _roll_back(
     which is then restored at once. It is called RUNNING only once its threads
     are seen to run (``stopped_before``: those stopped before the dump, left so).
     A CRIU killed while its code is in a task (injected, or not yet cured) takes
-    that task with it: it runs on into the code and dies of SIGTRAP.
+    that task with it: it runs on into the code and dies of SIGTRAP. One killed
+    as it stops the tasks after a complete dump leaves some dead: the rest are
+    stopped, and all restored from that dump.
     """
     state = runtime.state(name)
     log.warning(
@@ -286,12 +290,17 @@ def _roll_back(
         runtime.thaw(name)
         state = runtime.state(name)
     written = dump_is_written(store, name)
-    if written and state is ContainerState.RUNNING and processes_before - runtime.processes(name):
-        # CRIU was killed as it stopped the tasks after a complete dump (a chaos run
-        # met it): stop the rest, and restore them all from that dump.
-        log.warning("%s: its dump was complete and its tasks were being stopped", name)
-        runtime.stop(name)
-        state = runtime.state(name)
+    not_running = ended = None
+    if state is ContainerState.RUNNING:
+        not_running = runtime.release_threads(
+            name, stopped_before=stopped_before, timeout_seconds=RELEASE_TIMEOUT_SECONDS
+        )
+        time.sleep(RELEASE_SETTLE_SECONDS)  # a task let go into CRIU's code dies as it runs
+        ended = _ended(processes_before, runtime.processes(name))
+        if written and ended:
+            log.warning("%s: its dump was complete and its tasks were being stopped", name)
+            runtime.stop(name)
+            state = runtime.state(name)
     if state is ContainerState.STOPPED and not written:
         # CRIU stops a container only after a complete dump: someone else stopped
         # it meanwhile (lxc-stop), or its init ended with a killed CRIU, and its
@@ -323,14 +332,10 @@ def _roll_back(
             )
             raise
         state = runtime.state(name)
-        processes_before = frozenset()  # restored from a complete dump: all came back
+        not_running = ended = None  # restored from a complete dump: all came back
     if state is not ContainerState.RUNNING:
         return None
     store.discard_partial(name)
-    not_running = runtime.release_threads(
-        name, stopped_before=stopped_before, timeout_seconds=RELEASE_TIMEOUT_SECONDS
-    )
-    ended = _ended(processes_before, runtime.processes(name))
     if ended:
         log.error("%s: %s (a killed CRIU takes the task its code is in with it)", name, ended)
     if not_running is None:
