@@ -213,9 +213,9 @@ def test_a_process_that_ends_during_a_failed_dump_is_named(
     criu_hold: Callable[[str], CriuHold],
 ) -> None:
     """A CRIU killed while its code is in a task takes that task with it (it runs on
-    into the code and dies of SIGTRAP; a chaos run met it). That cannot be undone:
-    the failure names the process, in the error, the journal and the log. Here the
-    workload's child is killed by hand where CRIU holds, with CRIU."""
+    into the code and dies of SIGTRAP; kills of criu at random moments met it). That
+    cannot be undone: the failure names the process, in the error, the journal and
+    the log. Here the workload's child is killed by hand where CRIU holds, with CRIU."""
     name = workload(memory_mib=32)
     testbed.wait_for_counter(runtime, name, above=0)
     child_pid = max(pid for pid, command in runtime.processes(name) if command == "memhog")
