@@ -21,6 +21,7 @@ from evictor.errors import CriuOutputError, PreflightError
 # CRIU cannot raise its own RLIMIT_NOFILE; it is harmless, never the reason.
 _HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
 _SUMMARY_ERRORS = ("Dumping FAILED.", "Restoring FAILED.")
+_LOG_TAIL_BYTES = 16 << 10  # CRIU's last lines, its summary among them
 # Causes that come from the moment, not from the container: the next dump may work.
 _PASSING_CAUSES = (
     "No space left on device",
@@ -149,6 +150,18 @@ def _stats_entry(raw: bytes, field: int) -> dict[int, int | bytes]:
 def parse_dump_stats(raw: bytes) -> DumpStats:
     fields = _stats_entry(raw, 1)
     return DumpStats(**{name: int(fields.get(n, 0)) for n, name in _DUMP_FIELDS.items()})
+
+
+def gave_up_dump(image_dir: Path) -> bool:
+    """Whether CRIU's log in ``image_dir`` says it failed the dump itself ("Dumping
+    FAILED.", among its last lines): it then let the tasks run on. A CRIU that was
+    killed wrote no such line."""
+    try:
+        with open(image_dir / "dump.log", "rb") as log_file:
+            log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
+            return b"Dumping FAILED." in log_file.read()
+    except FileNotFoundError:
+        return False
 
 
 def read_dump_stats(image_dir: Path) -> DumpStats:

@@ -84,9 +84,12 @@ def dump_is_complete(store: ImageStore, name: str) -> bool:
 
 
 def dump_is_written(store: ImageStore, name: str) -> bool:
-    """Whether CRIU has written the whole dump. It writes ``inventory.img`` last, then
-    flushes the images, stops the tasks, and only then writes ``stats-dump``."""
-    return (store.path(name) / "inventory.img").is_file()
+    """Whether CRIU has written the whole dump and not failed it. It writes
+    ``inventory.img`` last, then flushes the images (a failure there, or of a
+    post-dump script, lets the tasks run on), stops the tasks, and only then
+    writes ``stats-dump``."""
+    directory = store.path(name)
+    return (directory / "inventory.img").is_file() and not criu.gave_up_dump(directory)
 
 
 def reconcile(runtime: LxcRuntime, store: ImageStore, journal: Journal) -> list[str]:

@@ -134,3 +134,13 @@ def test_a_missing_criu_is_a_preflight_error(tmp_path: Path) -> None:
 )
 def test_only_a_cause_in_the_container_persists(lines: tuple[str, ...], persists: bool) -> None:
     assert criu.cause_persists(lines) is persists
+
+
+def test_a_dump_criu_gave_up_is_told_from_one_it_was_killed_in(tmp_path: Path) -> None:
+    log = tmp_path / "dump.log"
+    assert not criu.gave_up_dump(tmp_path)  # no log
+    log.write_text("(00.1) Writing image inventory\n" * 2000)  # killed: no summary
+    assert not criu.gave_up_dump(tmp_path)
+    with log.open("a") as f:
+        f.write("(01.2) Error (criu/cr-dump.c:2128): Dumping FAILED.\n")
+    assert criu.gave_up_dump(tmp_path)

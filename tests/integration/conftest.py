@@ -331,7 +331,9 @@ rm -f {dir}/armed
 touch {dir}/reached
 i=0
 while [ ! -e {dir}/release ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+status=$(cat {dir}/release 2>/dev/null)
 rm -f {dir}/release {dir}/reached
+exit "${{status:-0}}"
 """
 
 
@@ -363,8 +365,10 @@ class CriuHold:
     def wait_reached(self, timeout_seconds: float = 90.0) -> None:
         wait_until(lambda: (self.directory / "reached").exists(), "CRIU held", timeout_seconds)
 
-    def release(self) -> None:
-        (self.directory / "release").touch()
+    def release(self, exit_status: int = 0) -> None:
+        """Let CRIU go on; a script that exits non-zero fails its step (at post-dump,
+        CRIU then fails the dump, lets the tasks run on, and logs "Dumping FAILED.")."""
+        (self.directory / "release").write_text(str(exit_status))
 
 
 @pytest.fixture

@@ -234,6 +234,36 @@ def test_a_process_that_ends_during_a_failed_dump_is_named(
     assert runtime.state(name) is ContainerState.RUNNING
 
 
+def test_a_written_dump_criu_failed_itself_is_never_restored_over_the_container(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    criu_hold: Callable[[str], CriuHold],
+) -> None:
+    """A dump CRIU fails after writing it (a flush onto a full store, a post-dump
+    script) leaves the tasks running: a process that ends meanwhile (a short job)
+    is no sign that CRIU was stopping them. The container runs on as it is, not
+    restored from that dump. Here the post-dump script fails, and the workload's
+    child is killed by hand where CRIU holds."""
+    name = workload(memory_mib=32)
+    testbed.wait_for_counter(runtime, name, above=0)
+    init_pid = runtime.init_pid(name)
+    child_pid = max(pid for pid, command in runtime.processes(name) if command == "memhog")
+    hold = criu_hold(name)
+    hold.arm("post-dump")
+    thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
+    hold.wait_reached()
+    os.kill(child_pid, signal.SIGKILL)
+    hold.release(exit_status=1)
+    thread.join(timeout=120)
+    assert len(errors) == 1 and isinstance(errors[0], CheckpointFailed), errors
+    assert f"processes ended during the dump: memhog ({child_pid})" in str(errors[0])
+    assert runtime.state(name) is ContainerState.RUNNING
+    assert runtime.init_pid(name) == init_pid  # the same container, not a restored one
+    assert store.image_state(name) is ImageState.NONE
+
+
 def test_an_interrupted_eviction_s_frozen_freezer_is_thawed_when_settled(
     runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
 ) -> None:
