@@ -144,7 +144,7 @@ def kill_the_workload(runtime: LxcRuntime, name: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def evict_with_criu_killed(
+def evict_with_fault(
     runtime: LxcRuntime,
     store: ImageStore,
     journal: Journal,
@@ -152,20 +152,34 @@ def evict_with_criu_killed(
     hold: CriuHold,
     at: str,
     fault: Callable[[LxcRuntime, str], None] | None,
+    *,
+    kill_criu: bool = True,
+    script_status: int = 0,
 ) -> CheckpointFailed:
     """Evict ``name``; where CRIU reaches the action-script point ``at``, inject
-    ``fault``, then SIGKILL CRIU and lxc-checkpoint. Returns the eviction's error."""
+    ``fault``, then SIGKILL CRIU and lxc-checkpoint (``kill_criu``) or let CRIU go on
+    with the script's ``script_status``. Returns the eviction's error."""
     hold.arm(at)
     thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
     hold.wait_reached()
     if fault is not None:
         fault(runtime, name)
-    for pid in runtime.tools_using(store.path(name)):
+    for pid in runtime.tools_using(store.path(name)) if kill_criu else ():
         os.kill(pid, signal.SIGKILL)
-    hold.release()
+    hold.release(script_status)
     thread.join(timeout=120)
     assert len(errors) == 1 and isinstance(errors[0], CheckpointFailed), errors
     return errors[0]
+
+
+def workload_child(runtime: LxcRuntime, name: str) -> int:
+    """The pid of the workload's child process (memhog's, started after it)."""
+    return max(pid for pid, command in runtime.processes(name) if command == "memhog")
+
+
+def kill_child(pid: int) -> Callable[[LxcRuntime, str], None]:
+    """A fault: SIGKILL of that process."""
+    return lambda runtime, name: os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(
@@ -198,7 +212,7 @@ def test_criu_killed_mid_eviction_leaves_the_workload_running_intact(
 ) -> None:
     name = workload(memory_mib=64)
     before = testbed.wait_for_counter(runtime, name, above=0)
-    evict_with_criu_killed(runtime, store, journal, name, criu_hold(name), at, fault)
+    evict_with_fault(runtime, store, journal, name, criu_hold(name), at, fault)
     assert runtime.state(name) is ContainerState.RUNNING
     assert journal.managed()[name].state is Managed.RUNNING
     assert store.image_state(name) is ImageState.NONE
@@ -218,13 +232,9 @@ def test_a_process_that_ends_during_a_failed_dump_is_named(
     the log. Here the workload's child is killed by hand where CRIU holds, with CRIU."""
     name = workload(memory_mib=32)
     testbed.wait_for_counter(runtime, name, above=0)
-    child_pid = max(pid for pid, command in runtime.processes(name) if command == "memhog")
-
-    def kill_the_child(runtime: LxcRuntime, name: str) -> None:
-        os.kill(child_pid, signal.SIGKILL)
-
-    error = evict_with_criu_killed(
-        runtime, store, journal, name, criu_hold(name), "pre-dump", kill_the_child
+    child_pid = workload_child(runtime, name)
+    error = evict_with_fault(
+        runtime, store, journal, name, criu_hold(name), "pre-dump", kill_child(child_pid)
     )
     named = f"processes ended during the dump: memhog ({child_pid})"
     assert named in str(error)
@@ -249,16 +259,21 @@ def test_a_written_dump_criu_failed_itself_is_never_restored_over_the_container(
     name = workload(memory_mib=32)
     testbed.wait_for_counter(runtime, name, above=0)
     init_pid = runtime.init_pid(name)
-    child_pid = max(pid for pid, command in runtime.processes(name) if command == "memhog")
-    hold = criu_hold(name)
-    hold.arm("post-dump")
-    thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
-    hold.wait_reached()
-    os.kill(child_pid, signal.SIGKILL)
-    hold.release(exit_status=1)
-    thread.join(timeout=120)
-    assert len(errors) == 1 and isinstance(errors[0], CheckpointFailed), errors
-    assert f"processes ended during the dump: memhog ({child_pid})" in str(errors[0])
+    child_pid = workload_child(runtime, name)
+    # CRIU going on after the script, which fails: it lets the tasks run on.
+    fault = kill_child(child_pid)
+    error = evict_with_fault(
+        runtime,
+        store,
+        journal,
+        name,
+        criu_hold(name),
+        "post-dump",
+        fault,
+        kill_criu=False,
+        script_status=1,
+    )
+    assert f"processes ended during the dump: memhog ({child_pid})" in str(error)
     assert runtime.state(name) is ContainerState.RUNNING
     assert runtime.init_pid(name) == init_pid  # the same container, not a restored one
     assert store.image_state(name) is ImageState.NONE
@@ -290,14 +305,9 @@ def test_a_container_stopped_by_hand_during_its_dump_is_left_to_the_operator(
     """lxc-stop while CRIU is about to dump: the state is the operator's to lose.
     No restore from a half dump, no image kept aside: stopped, in LXC's hands."""
     name = workload(memory_mib=32)
-    hold = criu_hold(name)
-    hold.arm("pre-dump")
-    thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
-    hold.wait_reached()
-    runtime.stop(name)
-    hold.release()
-    thread.join(timeout=120)
-    assert len(errors) == 1 and isinstance(errors[0], CheckpointFailed), errors
+    evict_with_fault(
+        runtime, store, journal, name, criu_hold(name), "pre-dump", LxcRuntime.stop, kill_criu=False
+    )
     assert runtime.state(name) is ContainerState.STOPPED
     managed = journal.managed()[name]
     assert managed.state is Managed.RUNNING and "stopped during the dump" in managed.reason
