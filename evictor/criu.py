@@ -17,6 +17,10 @@ from pathlib import Path
 
 from evictor.errors import CriuOutputError, PreflightError
 
+# The logs LXC has CRIU write in the image directory.
+DUMP_LOG = "dump.log"
+RESTORE_LOG = "restore.log"
+
 # Printed on every dump and restore on machines without CAP_SYS_RESOURCE, where
 # CRIU cannot raise its own RLIMIT_NOFILE; it is harmless, never the reason.
 _HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
@@ -157,7 +161,7 @@ def gave_up_dump(image_dir: Path) -> bool:
     FAILED.", among its last lines): it then let the tasks run on. A CRIU that was
     killed wrote no such line."""
     try:
-        with open(image_dir / "dump.log", "rb") as log_file:
+        with open(image_dir / DUMP_LOG, "rb") as log_file:
             log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
             return b"Dumping FAILED." in log_file.read()
     except FileNotFoundError:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import xxhash
 
-from evictor.criu import DumpStats
+from evictor.criu import RESTORE_LOG, DumpStats
 from evictor.errors import CorruptImage, ImageError, LockBusy, ManifestError, NoImage
 from evictor.manifest import MANIFEST_NAME, ImageFile, Manifest
 from evictor.model import IdMap, validate_container_name
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # Names an image set aside for removal: ".NAME.removing-<ns>" in the store.
 SET_ASIDE_MARK = ".removing-"
 
-_RESTORE_LEFTOVERS = frozenset({"restore.log", "stats-restore"})
+_RESTORE_LEFTOVERS = frozenset({RESTORE_LOG, "stats-restore"})
 # What a CRIU killed mid-restore leaves in the image directory (its working
 # directory): the "cgroup yard", a directory it mounts a tmpfs on.
 _CRIU_YARD_GLOB = ".criu.cgyard.*"

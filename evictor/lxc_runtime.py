@@ -303,7 +303,7 @@ class LxcRuntime:
         argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-D", str(image_dir)]
         result = self._run_criu(argv if leave_running else [*argv, "-s"], config.criu_options)
         if result.returncode != 0:
-            criu_errors = self._criu_errors(image_dir, "dump.log", killed=result.returncode < 0)
+            criu_errors = self._criu_errors(image_dir, criu.DUMP_LOG, killed=result.returncode < 0)
             lines = criu_errors or _last_output_line(result)
             raise CheckpointFailed(
                 f"{name}: CRIU dump failed: {lines[0] if lines else 'no reason logged'}",
@@ -333,7 +333,7 @@ class LxcRuntime:
         result = self._run_criu([*argv, "-D", str(image_dir)], options, environment)
         if result.returncode != 0:
             killed = result.returncode < 0
-            lines = self._criu_errors(image_dir, "restore.log", killed=killed)
+            lines = self._criu_errors(image_dir, criu.RESTORE_LOG, killed=killed)
             lines = lines or _last_output_line(result)
             raise RestoreFailed(
                 f"{name}: CRIU restore failed: {lines[0] if lines else 'no reason logged'}",
@@ -375,7 +375,7 @@ class LxcRuntime:
         deadline = time.monotonic() + wait_seconds
         grace_ends = time.monotonic() + CRIU_LOG_WAIT_SECONDS
         while self.tools_using(image_dir) and time.monotonic() < deadline:
-            if killed and log_name == "restore.log" and time.monotonic() > grace_ends:
+            if killed and log_name == criu.RESTORE_LOG and time.monotonic() > grace_ends:
                 self.kill_orphaned_restore(image_dir)
             time.sleep(0.05)
         try:

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 
-from evictor import lifecycle
+from evictor import criu, lifecycle
 from evictor.errors import CorruptImage, InvalidState, Phase, RestoreFailed
 from evictor.images import ImageStore
 from evictor.journal import Event, EventKind, Journal
@@ -117,7 +117,7 @@ def _clear_what_killed_restores_left(runtime: LxcRuntime, store: ImageStore, nam
     a restored container's own tasks hold none). Only an image a restore was tried
     on (its restore.log is there) is searched for them: the search reads /proc."""
     store.clear_criu_leftovers(name)
-    if (store.path(name) / "restore.log").exists():
+    if (store.path(name) / criu.RESTORE_LOG).exists():
         runtime.kill_restore_leftovers(store.path(name))
 
 
