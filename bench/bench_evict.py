@@ -168,7 +168,9 @@ class Rounds:
         self.add("evict_own_s", self.evictor("evict", served=False))
         self.add("restore_own_s", self.evictor("restore", served=False))
 
-    def raw(self, *, measure_memory: bool) -> None:
+    def raw(self, *, measure_memory: bool, side: str = "raw") -> None:
+        """The raw tools' round; ``side`` names its figures (``raw_again`` for the
+        control: the raw tools measured against themselves)."""
         shutil.rmtree(self.raw_dir, ignore_errors=True)
         self.raw_dir.mkdir(mode=0o700)
         usage = self.runtime.memory_usage_bytes(self.name) or 1
@@ -177,18 +179,21 @@ class Rounds:
         bare = command(["lxc-checkpoint", *self.lxc, "-D", str(self.raw_dir), "-s"])
         if measure_memory:
             _, cached_bare = freed_fraction(before, usage)
-            self.add("raw_dump_cached", cached_bare)
-        self.add("raw_dump_s", bare)
-        self.add("raw_fair_s", bare + timed(flush_and_drop, self.raw_dir))
+            self.add(f"{side}_dump_cached", cached_bare)
+        self.add(f"{side}_dump_s", bare)
+        self.add(f"{side}_fair_s", bare + timed(flush_and_drop, self.raw_dir))
         self.add("image_mb", sum(f.stat().st_size for f in self.raw_dir.iterdir()) / 1e6)
         frozen_counter = (testbed.read_status(self.runtime, self.name) or status).counter
         started = time.perf_counter()
         command(["lxc-checkpoint", *self.lxc, "-D", str(self.raw_dir), "-r", "-d"])
         if not self.runtime.wait_for_state(self.name, ContainerState.RUNNING, 60):
             raise SystemExit(f"{self.name}: not RUNNING after lxc-checkpoint -r")
-        self.add("raw_restore_s", time.perf_counter() - started)
-        self.add("raw_restore_answer_s", until_answers(self.runtime, self.name, frozen_counter))
+        self.add(f"{side}_restore_s", time.perf_counter() - started)
+        self.add(f"{side}_restore_answer_s", until_answers(self.runtime, self.name, frozen_counter))
         shutil.rmtree(self.raw_dir)
+
+    def raw_again(self, *, measure_memory: bool) -> None:
+        self.raw(measure_memory=False, side="raw_again")
 
 
 def one_size(size_mib: int, runs: int) -> list[str]:
@@ -196,10 +201,11 @@ def one_size(size_mib: int, runs: int) -> list[str]:
         (name,) = runtime.names()
         rounds = Rounds(runtime, name)
         with serving(rounds.config):
-            sides = [rounds.served, rounds.own_process, rounds.raw]
+            sides = [rounds.served, rounds.own_process, rounds.raw, rounds.raw_again]
             for round_ in range(runs):
                 # Rotate who goes first, so none always follows another's I/O.
-                for side in sides[round_ % 3 :] + sides[: round_ % 3]:
+                turn = round_ % len(sides)
+                for side in sides[turn:] + sides[:turn]:
                     side(measure_memory=round_ == 0)
         dd = dd_seconds(BENCH_ROOT / "dd.bin", rounds.median("image_mb"))
     m = rounds.median
@@ -210,6 +216,8 @@ def one_size(size_mib: int, runs: int) -> list[str]:
     restore_cli, restore_cli_worst = rounds.ratios("restore_cli_s", "raw_restore_s")
     restore_in, restore_in_worst = rounds.ratios("restore_s", "raw_restore_s")
     restore_own, restore_own_worst = rounds.ratios("restore_own_s", "raw_restore_s")
+    evict_control, evict_control_worst = rounds.ratios("raw_again_fair_s", "raw_fair_s")
+    restore_control, restore_control_worst = rounds.ratios("raw_again_restore_s", "raw_restore_s")
     return [
         f"| {size_mib} MiB | evict | command {m('evict_cli_s'):.2f} s (own process"
         f" {m('evict_own_s'):.2f} s), in-process"
@@ -220,7 +228,8 @@ def one_size(size_mib: int, runs: int) -> list[str]:
         f" {evict_in:.2f}x (worst {evict_in_worst:.2f}x), own process {evict_own:.2f}x"
         f" (worst {evict_own_worst:.2f}x); command"
         f" {m('evict_cli_s') - m('raw_fair_s'):+.2f} s, own process"
-        f" {m('evict_own_s') - m('raw_fair_s'):+.2f} s |",
+        f" {m('evict_own_s') - m('raw_fair_s'):+.2f} s; control: raw again"
+        f" {evict_control:.2f}x (worst {evict_control_worst:.2f}x) |",
         f"| {size_mib} MiB | memory freed | free memory +{m('evict_freed'):.0%} of usage,"
         f" page cache {m('evict_cached'):+.0%} | bare dump leaves page cache"
         f" {m('raw_dump_cached'):+.0%} of usage | - |",
@@ -233,7 +242,8 @@ def one_size(size_mib: int, runs: int) -> list[str]:
         f" {restore_in:.2f}x (worst {restore_in_worst:.2f}x), own process"
         f" {restore_own:.2f}x (worst {restore_own_worst:.2f}x); command"
         f" {m('restore_cli_s') - m('raw_restore_s'):+.2f} s, own process"
-        f" {m('restore_own_s') - m('raw_restore_s'):+.2f} s |",
+        f" {m('restore_own_s') - m('raw_restore_s'):+.2f} s; control: raw again"
+        f" {restore_control:.2f}x (worst {restore_control_worst:.2f}x) |",
     ]
 
 
