@@ -60,8 +60,11 @@ def required_free_bytes(usage_bytes: int) -> int:
     return usage_bytes + max(FREE_SPACE_MARGIN_BYTES, int(usage_bytes * FREE_SPACE_MARGIN_RATIO))
 
 
-def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> ContainerConfig:
-    """Check that ``name`` can be evicted now; return its config."""
+def preflight(
+    runtime: LxcRuntime, store: ImageStore, name: str
+) -> tuple[ContainerConfig, tuple[str, ...]]:
+    """Check that ``name`` can be evicted now; return its config and the CRIU options
+    to dump it with (criu.check_criu)."""
     state = runtime.state(name)
     if state is not ContainerState.RUNNING:
         raise InvalidState(
@@ -73,7 +76,7 @@ def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> ContainerCon
             " eviction; it was started outside evictor (remove the image to evict it again)",
             container=name,
         )
-    criu.check_criu(verdict_file=store.criu_verdict_path)
+    dump_options = criu.check_criu(verdict_file=store.criu_verdict_path)
     config = runtime.container_config(name)
     if config.idmap is not None and (blocked := store.unreachable_by(config.idmap)):
         raise PreflightError(
@@ -82,7 +85,7 @@ def preflight(runtime: LxcRuntime, store: ImageStore, name: str) -> ContainerCon
             " must be able to pass through every directory above the image store (o+x)",
             container=name,
         )
-    return config
+    return config, dump_options
 
 
 def _check_room(store: ImageStore, name: str, usage_bytes: int) -> None:
@@ -113,7 +116,7 @@ def evict(
     started = time.monotonic()
     with store.lock(name):
         settle(runtime, store, journal, name)
-        config = preflight(runtime, store, name)
+        config, dump_options = preflight(runtime, store, name)
         usage_bytes = runtime.memory_usage_bytes(name) or 0
         _check_room(store, name, usage_bytes)
         addresses = runtime.ipv4_addresses(name)
@@ -126,7 +129,7 @@ def evict(
         try:
             image_dir = store.begin(name)
             dump_started = time.monotonic()
-            runtime.checkpoint(name, image_dir)
+            runtime.checkpoint(name, image_dir, criu_options=dump_options)
             dump_seconds = time.monotonic() - dump_started
             state = runtime.state(name)
             if state is not ContainerState.STOPPED:
@@ -217,7 +220,7 @@ def trial_dump(
             raise InvalidState(
                 f"{name}: is {state.value}, only a RUNNING container can be tried", container=name
             )
-        criu.check_criu(verdict_file=store.criu_verdict_path)
+        dump_options = criu.check_criu(verdict_file=store.criu_verdict_path)
         trial_dir = store.trial_path(name)
         failure = None
         for attempt in range(attempts):
@@ -225,8 +228,10 @@ def trial_dump(
                 time.sleep(TRIAL_PAUSE_SECONDS)
             shutil.rmtree(trial_dir, ignore_errors=True)  # left by a killed evictor, or before
             trial_dir.mkdir(mode=0o700)
+            dumped = False
             try:
-                runtime.checkpoint(name, trial_dir, leave_running=True)
+                runtime.checkpoint(name, trial_dir, leave_running=True, criu_options=dump_options)
+                dumped = True
                 return None
             except CheckpointFailed as error:
                 failure = error
@@ -236,6 +241,8 @@ def trial_dump(
                 shutil.rmtree(trial_dir, ignore_errors=True)
                 if runtime.state(name) is ContainerState.FROZEN:
                     runtime.thaw(name)
+                if not dumped:  # CRIU killed (Ctrl-C) or timed out with the lock on?
+                    runtime.unlock_network(name)
         return failure
 
 
@@ -335,6 +342,7 @@ def _roll_back(
         not_running = ended = None  # restored from a complete dump: all came back
     if state is not ContainerState.RUNNING:
         return None
+    runtime.unlock_network(name)
     store.discard_partial(name)
     if ended:
         log.error("%s: %s (a killed CRIU takes the task its code is in with it)", name, ended)

@@ -174,8 +174,28 @@ def read_dump_stats(image_dir: Path) -> DumpStats:
     return parse_dump_stats((image_dir / DUMP_STATS_NAME).read_bytes())
 
 
-# Binaries and boots, as keys (see _verdict_key), that passed ``criu check`` in this process.
-_checked: set[str] = set()
+# CRIU locks the container's network while it dumps and restores, and records
+# how in the image: the restore locks and unlocks the same way. Its default lock
+# runs iptables-restore (five to seven times to unlock it, 60-70 ms of every
+# restore here); the nftables lock is done inside CRIU, where it was built with
+# libnftables and the kernel has nftables set concatenation (docs/benchmarks.md).
+NFTABLES_LOCK = "network-lock nftables"
+# What a lock leaves in the container's network namespace when CRIU is killed
+# before it unlocks (every packet in or out dropped): a table "inet CRIU-<run id>"
+# (nftables), or a chain CRIU that INPUT and OUTPUT jump to, in the filter tables
+# of IPv4 and IPv6 (iptables).
+IPTABLES_LOCK_CHAIN = "CRIU"
+_NFTABLES_LOCK_TABLE = re.compile(r"^table (inet) (CRIU-[\w.-]+)$", re.MULTILINE)
+
+
+def nftables_lock_tables(listing: str) -> list[tuple[str, str]]:
+    """The lock tables in ``nft list tables`` output, as (family, name)."""
+    return _NFTABLES_LOCK_TABLE.findall(listing)
+
+
+# Binaries and boots, as keys, that passed ``criu check`` in this process, and the
+# dump options each supports.
+_checked: dict[str, tuple[str, ...]] = {}
 
 
 def check_criu(
@@ -183,10 +203,13 @@ def check_criu(
     *,
     verdict_file: Path | None = None,
     boot_id_file: Path = Path("/proc/sys/kernel/random/boot_id"),
-) -> None:
-    """Raise PreflightError unless ``criu check`` passes on this kernel.
+) -> tuple[str, ...]:
+    """Raise PreflightError unless ``criu check`` passes on this kernel; return the
+    dump options (CRIU config-file lines) this CRIU and kernel support: the
+    nftables network lock, where they can and ``nft`` is there to remove what a
+    killed CRIU's lock leaves (LxcRuntime.unlock_network).
 
-    The check costs about 70 ms, on every CLI command that dumps: so a pass is
+    The checks cost about 100 ms, on every CLI command that dumps: so a pass is
     remembered, in this process and in ``verdict_file`` for the next ones,
     against the binary (path, inode, mtime: a CRIU replaced is checked anew)
     and the boot (the kernel cannot change without a reboot). A failure is
@@ -197,28 +220,37 @@ def check_criu(
         raise PreflightError(f"{criu} not found: run scripts/setup.sh to install CRIU >= 4.2")
     status = os.stat(path)
     boot = boot_id_file.read_text().strip() if boot_id_file.exists() else "unknown boot"
-    key = f"{path} {status.st_ino} {status.st_mtime_ns} {boot}"
+    # "+options": a verdict from before the dump options were kept is checked anew.
+    key = f"{path} {status.st_ino} {status.st_mtime_ns} {boot} +options"
     if key in _checked:
-        return
-    if verdict_file is not None and _read_verdict(verdict_file) == key:
-        _checked.add(key)
-        return
+        return _checked[key]
+    remembered = _read_verdict(verdict_file) if verdict_file is not None else None
+    if remembered is not None and remembered[0] == key:
+        _checked[key] = remembered[1]
+        return remembered[1]
     result = subprocess.run([path, "check"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         reason = (result.stderr or result.stdout).strip().splitlines()
         raise PreflightError(
             f"'criu check' fails on this kernel: {reason[-1] if reason else 'no output'}"
         )
-    _checked.add(key)
+    nftables = shutil.which("nft") and subprocess.run(  # nft: to remove a killed CRIU's lock
+        [path, "check", "--feature", "network_lock_nftables"], capture_output=True, check=False
+    )
+    options = (NFTABLES_LOCK,) if nftables and nftables.returncode == 0 else ()
+    _checked[key] = options
     if verdict_file is not None:
         with contextlib.suppress(OSError):  # only a cache: the next command checks again
             temporary = verdict_file.with_name(verdict_file.name + ".tmp")
-            temporary.write_text(key + "\n")
+            temporary.write_text("".join(f"{line}\n" for line in (key, *options)))
             os.replace(temporary, verdict_file)
+    return options
 
 
-def _read_verdict(verdict_file: Path) -> str | None:
+def _read_verdict(verdict_file: Path) -> tuple[str, tuple[str, ...]] | None:
+    """The key and dump options a pass left in ``verdict_file``, if any."""
     try:
-        return verdict_file.read_text().strip()
-    except OSError:
+        key, *options = verdict_file.read_text().splitlines()
+    except (OSError, ValueError):
         return None
+    return key, tuple(options)

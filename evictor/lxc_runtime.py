@@ -218,6 +218,41 @@ class LxcRuntime:
                 cgroups.thaw(freezer_file)
         return frozen
 
+    def unlock_network(self, name: str) -> list[str]:
+        """Remove the network lock a killed CRIU left in the running container's
+        network namespace, where it drops every packet; return what was removed.
+
+        CRIU unlocks the network itself whenever it ends a dump or a restore, even
+        a failed one: only a CRIU killed between its lock and its unlock leaves it.
+        """
+        pid = self.init_pid(name)
+        if pid is None:
+            return []
+
+        def in_namespace(*argv: str) -> subprocess.CompletedProcess[str]:
+            return self._run(["nsenter", f"--target={pid}", "--net", "--", *argv])
+
+        def succeeds(*argv: str) -> bool:
+            return in_namespace(*argv).returncode == 0
+
+        removed = []
+        listing = in_namespace("nft", "list", "tables").stderr  # _run: the output, merged
+        for family, table in criu.nftables_lock_tables(listing):
+            if succeeds("nft", "delete", "table", family, table):
+                removed.append(f"nftables table {family} {table}")
+        chain = criu.IPTABLES_LOCK_CHAIN
+        for tool in ("iptables", "ip6tables"):
+            if not succeeds(tool, "-w", "-S", chain):
+                continue  # no lock chain (or no IPv6)
+            for hook in ("INPUT", "OUTPUT"):
+                while succeeds(tool, "-w", "-D", hook, "-j", chain):
+                    pass  # a jump each time: CRIU's lock and a restore's may both be there
+            if succeeds(tool, "-w", "-F", chain) and succeeds(tool, "-w", "-X", chain):
+                removed.append(f"{tool} chain {chain}")
+        for what in removed:
+            log.warning("%s: removed the network lock a killed CRIU left: %s", name, what)
+        return removed
+
     def thaw(self, name: str) -> None:
         if not self._container(name).unfreeze():
             raise ContainerCommandFailed(
@@ -296,12 +331,21 @@ class LxcRuntime:
         except FileNotFoundError:
             return ""
 
-    def checkpoint(self, name: str, image_dir: Path, *, leave_running: bool = False) -> None:
+    def checkpoint(
+        self,
+        name: str,
+        image_dir: Path,
+        *,
+        leave_running: bool = False,
+        criu_options: tuple[str, ...] = (),
+    ) -> None:
         """Dump the container into ``image_dir`` and stop it (``lxc-checkpoint -s``), or
-        leave it running (a trial dump)."""
+        leave it running (a trial dump). The container's own CRIU options come after
+        ``criu_options``, and so win over them."""
         config = self.container_config(name)
         argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-D", str(image_dir)]
-        result = self._run_criu(argv if leave_running else [*argv, "-s"], config.criu_options)
+        options = (*criu_options, *config.criu_options)
+        result = self._run_criu(argv if leave_running else [*argv, "-s"], options)
         if result.returncode != 0:
             criu_errors = self._criu_errors(image_dir, criu.DUMP_LOG, killed=result.returncode < 0)
             lines = criu_errors or _last_output_line(result)

@@ -173,6 +173,7 @@ def _settle_in_flight(
         state = runtime.state(name)
     if state is ContainerState.RUNNING:
         runtime.thaw_cgroups(name)  # a freezer a killed CRIU held, which LXC does not see
+        runtime.unlock_network(name)  # and the network lock it left
         if was is Managed.RESTORING:
             if image is ImageState.COMMITTED:
                 store.discard(name)

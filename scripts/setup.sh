@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Take a fresh Debian 12 (bookworm) or 13 (trixie) machine, as root, to a state
-# where evictor runs and its tests pass: LXC, CRIU >= 4.2, iptables, a static
-# busybox and a C compiler for the test workload, debootstrap and uidmap for the
+# where evictor runs and its tests pass: LXC, CRIU >= 4.2, iptables, nftables, a
+# static busybox and a C compiler for the test workload, debootstrap and uidmap for the
 # stock Debian test containers, root's subordinate ids for unprivileged ones,
 # the lxcbr0 bridge for containers with a NIC, and a virtualenv (.venv) with
 # evictor in it. Idempotent: a second run only checks. docs/design.md says why
@@ -23,8 +23,9 @@ export DEBIAN_FRONTEND=noninteractive
 # stock test containers' rootfs (evictor/tools/stock.py); uidmap has the
 # newuidmap/newgidmap that lxc-usernsexec needs to unpack an unprivileged one;
 # iproute2 and dnsmasq-base are what lxc-net uses to make lxcbr0 and answer DHCP
-# (lxc only recommends dnsmasq-base, and recommends are not installed here).
-bookworm_packages=(lxc lxc-dev lxc-templates busybox-static iptables gcc libc6-dev
+# (lxc only recommends dnsmasq-base, and recommends are not installed here);
+# nftables has the nft that removes the network lock of a CRIU killed mid-dump.
+bookworm_packages=(lxc lxc-dev lxc-templates busybox-static iptables nftables gcc libc6-dev
                    pkg-config python3-venv python3-dev procps util-linux zstd
                    debootstrap uidmap iproute2 dnsmasq-base)
 missing=()

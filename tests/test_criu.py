@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -69,12 +70,17 @@ def test_restore_stats_are_not_dump_stats(fixtures: Path) -> None:
         criu.parse_dump_stats((fixtures / "criu/stats-restore").read_bytes())
 
 
-def fake_criu(directory: Path, exit_status: int) -> tuple[Path, Path]:
-    """A stand-in ``criu`` that counts its runs: a failing ``criu check`` cannot be made real."""
+def fake_criu(
+    directory: Path, exit_status: int, *, nftables_lock: bool = True
+) -> tuple[Path, Path]:
+    """A stand-in ``criu`` that counts its full checks: a failing ``criu check`` cannot
+    be made real. Its nftables lock is supported or not, as asked."""
     calls = directory / "calls"
     binary = directory / "criu"
     binary.write_text(
-        f"#!/bin/sh\necho run >> {calls}\necho 'Looks bad: no vdso' >&2\nexit {exit_status}\n"
+        "#!/bin/sh\n"
+        f'[ "$2" = --feature ] && exit {0 if nftables_lock else 1}\n'
+        f"echo run >> {calls}\necho 'Looks bad: no vdso' >&2\nexit {exit_status}\n"
     )
     binary.chmod(0o755)
     return binary, calls
@@ -113,6 +119,30 @@ def test_a_pass_is_remembered_on_disk_for_this_boot_and_binary(tmp_path: Path) -
     failing, _ = fake_criu(tmp_path / "other", exit_status=1)
     with pytest.raises(PreflightError):  # another binary's failure is not hidden by the file
         check_criu(str(failing), verdict_file=verdict, boot_id_file=boot)
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="scripts/setup.sh installs nft")
+@pytest.mark.parametrize("supported", [True, False])
+def test_the_nftables_lock_is_chosen_where_criu_supports_it_and_remembered(
+    tmp_path: Path, supported: bool
+) -> None:
+    binary, calls = fake_criu(tmp_path, exit_status=0, nftables_lock=supported)
+    verdict, boot = tmp_path / ".criu-check", tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    expected = (criu_module.NFTABLES_LOCK,) if supported else ()
+    assert check_criu(str(binary), verdict_file=verdict, boot_id_file=boot) == expected
+    criu_module._checked.clear()  # the next process reads it from the file
+    assert check_criu(str(binary), verdict_file=verdict, boot_id_file=boot) == expected
+    assert calls.read_text().count("run") == 1
+
+
+def test_nftables_lock_tables_are_found_among_the_container_s_own() -> None:
+    listing = "table inet filter\ntable inet CRIU-3f2a9c81d0e5\ntable ip nat\ntable inet CRIU-12\n"
+    assert criu_module.nftables_lock_tables(listing) == [
+        ("inet", "CRIU-3f2a9c81d0e5"),
+        ("inet", "CRIU-12"),
+    ]
+    assert criu_module.nftables_lock_tables("table inet CRIUS\ntable ip CRIU-1\n") == []
 
 
 def test_a_missing_criu_is_a_preflight_error(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from evictor import checkpoint, lifecycle, reconcile, restore
+from evictor import checkpoint, criu, lifecycle, lxc_config, reconcile, restore
 from evictor.config import Config
 from evictor.daemon import Daemon
 from evictor.engine import Engine
@@ -33,7 +33,7 @@ from evictor.lxc_runtime import LxcRuntime
 from evictor.metrics import Metrics
 from evictor.model import ContainerState, Managed
 from evictor.ranking import Action, Decision, Plan, Trigger, TriggerKind
-from evictor.tools import testbed
+from evictor.tools import stock, testbed
 
 from .conftest import (
     MIB,
@@ -217,6 +217,59 @@ def test_criu_killed_mid_eviction_leaves_the_workload_running_intact(
     assert journal.managed()[name].state is Managed.RUNNING
     assert store.image_state(name) is ImageState.NONE
     testbed.wait_alive(runtime, name, original=before)
+
+
+def with_criu_option(runtime: LxcRuntime, name: str, option: str) -> None:
+    """Add a CRIU option to the container's evictor block (its own, which win)."""
+    config = runtime.config_path(name)
+    text, block = lxc_config.split(config.read_text())
+    block = block or lxc_config.Block()
+    options = (*block.criu_options, option)
+    config.write_text(lxc_config.with_block(text, dataclasses.replace(block, criu_options=options)))
+
+
+@pytest.mark.parametrize("lock", [criu.NFTABLES_LOCK, "network-lock iptables"])
+def test_criu_killed_mid_dump_leaves_no_network_lock(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    criu_hold: Callable[[str], CriuHold],
+    static_address: Callable[[], str],
+    lock: str,
+) -> None:
+    """CRIU locks the container's network (every packet dropped) before it dumps and
+    unlocks it as it ends: killed in between, it leaves the lock, and the container
+    runs on cut off. The rollback removes it, whichever way CRIU locked (evictor's
+    choice, nftables, or iptables, CRIU's default, as a container's option)."""
+    address = static_address()
+    name = workload(network=stock.Network.static(address))
+    with stock.HeldConnection(address, testbed.ECHO_PORT) as held:
+        assert held.request(b"before\n") == b"before\n"
+    hold = criu_hold(name)
+    with_criu_option(runtime, name, lock)
+    rulesets: list[str] = []
+    evict_with_fault(
+        runtime,
+        store,
+        journal,
+        name,
+        hold,
+        "post-dump",
+        lambda runtime, name: rulesets.append(network_ruleset(runtime, name)),
+    )
+    assert "CRIU" in rulesets[0]  # locked, as asked
+    assert runtime.state(name) is ContainerState.RUNNING
+    assert "CRIU" not in network_ruleset(runtime, name)
+    with stock.HeldConnection(address, testbed.ECHO_PORT, timeout_seconds=5) as held:
+        assert held.request(b"after\n") == b"after\n"
+    assert journal.managed()[name].state is Managed.RUNNING
+
+
+def network_ruleset(runtime: LxcRuntime, name: str) -> str:
+    """The container's nftables ruleset (iptables' rules among them, on its nft backend)."""
+    argv = ["nsenter", f"--target={runtime.init_pid(name)}", "--net", "--", "nft", "list"]
+    return subprocess.run([*argv, "ruleset"], capture_output=True, text=True, check=True).stdout
 
 
 def test_a_process_that_ends_during_a_failed_dump_is_named(
