@@ -9,6 +9,7 @@ every command is an argument list, never a shell string.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -17,8 +18,11 @@ import select
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import lxc
 
@@ -44,6 +48,27 @@ COMMAND_TIMEOUT_SECONDS = 900.0
 
 # How long a killed restore's leftover tasks may take to end (freeing their memory).
 LEFTOVER_EXIT_SECONDS = 10.0
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+# python3-lxc keeps the GIL through each liblxc call, and a container's monitor
+# answers no query while lxc-checkpoint restores it. A query about it from another
+# thread would stop every thread of the process until the restore ended, the
+# verifier's hashing among them, which the restore waits for (restore_gate.py): a
+# deadlock (the demo met it, its main thread sampling while its daemon restored).
+# So a restore holds this lock, and the queries that reach a monitor wait for it,
+# with the GIL released.
+_RESTORING = threading.RLock()
+
+
+def _not_during_a_restore(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with _RESTORING:
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 class LxcRuntime:
@@ -103,12 +128,14 @@ class LxcRuntime:
             del self._handles[gone]
         return defined
 
+    @_not_during_a_restore
     def state(self, name: str) -> ContainerState:
         return ContainerState(self._container(name).state)
 
     def init_pid(self, name: str) -> int | None:
         return self.state_and_pid(name)[1]
 
+    @_not_during_a_restore
     def state_and_pid(self, name: str) -> tuple[ContainerState, int | None]:
         """State and init pid from one liblxc handle."""
         container = self._container(name)
@@ -253,12 +280,14 @@ class LxcRuntime:
             log.warning("%s: removed the network lock a killed CRIU left: %s", name, what)
         return removed
 
+    @_not_during_a_restore
     def thaw(self, name: str) -> None:
         if not self._container(name).unfreeze():
             raise ContainerCommandFailed(
                 f"{name}: could not thaw the frozen container", container=name
             )
 
+    @_not_during_a_restore
     def wait_for_state(self, name: str, state: ContainerState, timeout_seconds: float) -> bool:
         return bool(self._container(name).wait(state.value, math.ceil(timeout_seconds)))
 
@@ -305,6 +334,7 @@ class LxcRuntime:
             prepared=block is not None,
         )
 
+    @_not_during_a_restore
     def ipv4_addresses(self, name: str) -> tuple[str, ...]:
         """The IPv4 addresses of a running container (read from its network namespace)."""
         container = self._container(name)
@@ -374,7 +404,8 @@ class LxcRuntime:
         config = self.container_config(name)
         options = (*config.criu_options, *_userns_veth_options(config), *criu_options)
         argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-r", "-d"]
-        result = self._run_criu([*argv, "-D", str(image_dir)], options, environment)
+        with _RESTORING:
+            result = self._run_criu([*argv, "-D", str(image_dir)], options, environment)
         if result.returncode != 0:
             killed = result.returncode < 0
             lines = self._criu_errors(image_dir, criu.RESTORE_LOG, killed=killed)

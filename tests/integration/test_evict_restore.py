@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from evictor.errors import (
 from evictor.images import ImageStore
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
-from evictor.manifest import MANIFEST_NAME
+from evictor.manifest import MANIFEST_NAME, Manifest
 from evictor.model import ContainerState
 from evictor.monitor import read_free_bytes, read_meminfo
 from evictor.tools import testbed
@@ -201,6 +202,45 @@ def test_a_container_criu_cannot_dump_stays_running(
     assert not store.path(name).exists()  # the partial image is gone
     (event,) = journal.events()
     assert event.kind is EventKind.EVICT_FAILED and "tty" in event.detail
+    testbed.wait_alive(runtime, name, original=before)
+
+
+def test_a_query_from_another_thread_during_a_restore_waits_for_it(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While lxc-checkpoint restores a container, its monitor answers no query, and
+    python3-lxc keeps the GIL through one: a query from another thread then held
+    every thread, the verifier's among them, and CRIU waited for its verdict (the
+    demo met it). The query now waits for the restore. Here the verifier starts
+    only once CRIU waits at the gate and the query has been asked; the gate gives
+    up after 20 s, failing the restore, if the two deadlock."""
+    name = workload(memory_mib=32)
+    before = testbed.wait_for_counter(runtime, name, above=0)
+    checkpoint.evict(runtime, store, journal, name)
+    restoring = LxcRuntime(runtime.lxc_path, command_timeout_seconds=20)
+    asked = threading.Event()
+    verify_memory = store.verify_memory
+
+    def verify_once_asked(manifest: Manifest) -> None:
+        asked.wait()
+        verify_memory(manifest)
+
+    monkeypatch.setattr(store, "verify_memory", verify_once_asked)
+    restorer = threading.Thread(target=restore.restore, args=(restoring, store, journal, name))
+    restorer.start()
+    consulted = store.gate_path(name) / "consulted"
+    deadline = time.monotonic() + 60
+    while not consulted.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    asked.set()
+    state = runtime.state(name)
+    restorer.join(timeout=60)
+    assert state is ContainerState.RUNNING  # answered once the restore was done
+    assert journal.events()[-1].kind is EventKind.RESTORED
     testbed.wait_alive(runtime, name, original=before)
 
 
