@@ -302,7 +302,10 @@ def _roll_back(
         not_running = runtime.release_threads(
             name, stopped_before=stopped_before, timeout_seconds=RELEASE_TIMEOUT_SECONDS
         )
-        time.sleep(RELEASE_SETTLE_SECONDS)  # a task let go into CRIU's code dies as it runs
+        if not criu.gave_up_dump(store.path(name)):
+            # A task a killed CRIU let go into its code dies as it runs; a CRIU that
+            # failed the dump itself cured every task before it let them go.
+            time.sleep(RELEASE_SETTLE_SECONDS)
         ended = _ended(processes_before, runtime.processes(name))
         if written and ended:
             log.warning("%s: its dump was complete and its tasks were being stopped", name)

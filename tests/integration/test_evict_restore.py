@@ -190,12 +190,21 @@ def test_a_corrupted_image_is_refused_kept_and_still_restores_once_repaired(
 
 
 def test_a_container_criu_cannot_dump_stays_running(
-    runtime: LxcRuntime, store: ImageStore, journal: Journal, workload: WorkloadFactory
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """CRIU fails the dump itself (a tty), cures its tasks and lets them go: the
+    rollback need not wait for tasks that a killed CRIU's code would kill."""
+    monkeypatch.setattr(checkpoint, "RELEASE_SETTLE_SECONDS", 60.0)
     name = workload(with_tty=True)
     before = testbed.wait_for_counter(runtime, name, above=0)
+    started = time.monotonic()
     with pytest.raises(CheckpointFailed, match=r"CRIU dump failed: .*tty") as failure:
         checkpoint.evict(runtime, store, journal, name)
+    assert time.monotonic() - started < 30
     assert failure.value.phase is Phase.DUMP
     assert failure.value.container == name
     assert runtime.state(name) is ContainerState.RUNNING

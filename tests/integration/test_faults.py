@@ -241,28 +241,30 @@ def test_criu_killed_mid_dump_leaves_no_network_lock(
     """CRIU locks the container's network (every packet dropped) before it dumps and
     unlocks it as it ends: killed in between, it leaves the lock, and the container
     runs on cut off. The rollback removes it, whichever way CRIU locked (evictor's
-    choice, nftables, or iptables, CRIU's default, as a container's option)."""
+    choice, nftables, or iptables, CRIU's default, as a container's option): a
+    connection held across the fault and a new one both answer."""
     address = static_address()
     name = workload(network=stock.Network.static(address))
-    with stock.HeldConnection(address, testbed.ECHO_PORT) as held:
-        assert held.request(b"before\n") == b"before\n"
     hold = criu_hold(name)
     with_criu_option(runtime, name, lock)
     rulesets: list[str] = []
-    evict_with_fault(
-        runtime,
-        store,
-        journal,
-        name,
-        hold,
-        "post-dump",
-        lambda runtime, name: rulesets.append(network_ruleset(runtime, name)),
-    )
-    assert "CRIU" in rulesets[0]  # locked, as asked
-    assert runtime.state(name) is ContainerState.RUNNING
-    assert "CRIU" not in network_ruleset(runtime, name)
     with stock.HeldConnection(address, testbed.ECHO_PORT, timeout_seconds=5) as held:
-        assert held.request(b"after\n") == b"after\n"
+        assert held.request(b"before\n") == b"before\n"
+        evict_with_fault(
+            runtime,
+            store,
+            journal,
+            name,
+            hold,
+            "post-dump",
+            lambda runtime, name: rulesets.append(network_ruleset(runtime, name)),
+        )
+        assert "CRIU" in rulesets[0]  # locked, as asked
+        assert runtime.state(name) is ContainerState.RUNNING
+        assert "CRIU" not in network_ruleset(runtime, name)
+        assert held.request(b"held\n") == b"held\n"  # CRIU had it in repair mode
+    with stock.HeldConnection(address, testbed.ECHO_PORT, timeout_seconds=5) as new:
+        assert new.request(b"new\n") == b"new\n"
     assert journal.managed()[name].state is Managed.RUNNING
 
 
