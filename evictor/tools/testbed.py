@@ -291,12 +291,16 @@ def _wait_for_status(
 ) -> WorkloadStatus:
     """Poll the workload's status until ``accept`` takes one; else raise ``failure``."""
     deadline = time.monotonic() + timeout_seconds
+    status = None
     while time.monotonic() < deadline:
         status = read_status(runtime, name)
         if status is not None and accept(status):
             return status
         time.sleep(0.1)
-    raise EvictorError(f"{name}: {failure}", container=name)
+    seen = f"last status {status}" if status else "no status written"
+    raise EvictorError(
+        f"{name}: {failure} (container {runtime.state(name).value}, {seen})", container=name
+    )
 
 
 def stray_tasks(runtime: LxcRuntime, names: Sequence[str]) -> list[int]:

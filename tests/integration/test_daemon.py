@@ -346,8 +346,21 @@ def test_drain_then_daemon_restart_restores_everything(
         testbed.wait_alive(runtime, name, original=status)
 
 
+def run_demo(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``evictor demo``; the containers a demo that failed or was killed (a timeout)
+    left in its LXC path are destroyed afterwards: left running, a later demo at the
+    same path and name could not start its own."""
+    try:
+        return run_evictor("--state-dir", str(state_dir), "demo", *args)
+    finally:
+        for lxc_path in state_dir.glob("demo*/lxc"):
+            leftovers = LxcRuntime(lxc_path)
+            for name in leftovers.names():
+                leftovers.destroy(name)
+
+
 def test_the_demo_runs_its_scenario_and_cleans_up(tmp_path: Path, test_lxc_path: Path) -> None:
-    result = run_evictor("--state-dir", str(tmp_path), "demo", "--once", "--port", str(free_port()))
+    result = run_demo(tmp_path, "--once", "--port", str(free_port()))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for line in (
@@ -371,7 +384,7 @@ def test_the_stock_demo_checks_prepares_evicts_and_restores(
     tmp_path: Path, test_lxc_path: Path
 ) -> None:
     state_dir = test_lxc_path.parent / f"demo-stock-{os.getpid()}"  # reachable when unprivileged
-    result = run_evictor("--state-dir", str(state_dir), "demo", "--stock")
+    result = run_demo(state_dir, "--stock")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for line in (
