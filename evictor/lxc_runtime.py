@@ -245,16 +245,16 @@ class LxcRuntime:
                 cgroups.thaw(freezer_file)
         return frozen
 
-    def unlock_network(self, name: str) -> list[str]:
+    def unlock_network(self, name: str) -> None:
         """Remove the network lock a killed CRIU left in the running container's
-        network namespace, where it drops every packet; return what was removed.
+        network namespace, where it drops every packet, and log what was removed.
 
         CRIU unlocks the network itself whenever it ends a dump or a restore, even
         a failed one: only a CRIU killed between its lock and its unlock leaves it.
         """
         pid = self.init_pid(name)
         if pid is None:
-            return []
+            return
 
         def in_namespace(*argv: str) -> subprocess.CompletedProcess[str]:
             return self._run(["nsenter", f"--target={pid}", "--net", "--", *argv])
@@ -278,7 +278,6 @@ class LxcRuntime:
                 removed.append(f"{tool} chain {chain}")
         for what in removed:
             log.warning("%s: removed the network lock a killed CRIU left: %s", name, what)
-        return removed
 
     @_not_during_a_restore
     def thaw(self, name: str) -> None:
