@@ -337,6 +337,15 @@ exit "${{status:-0}}"
 """
 
 
+def with_criu_option(runtime: LxcRuntime, name: str, option: str) -> None:
+    """Add a CRIU option to the container's evictor block (its own, which win)."""
+    config = runtime.config_path(name)
+    text, block = lxc_config.split(config.read_text())
+    block = block or lxc_config.Block()
+    options = (*block.criu_options, option)
+    config.write_text(lxc_config.with_block(text, dataclasses.replace(block, criu_options=options)))
+
+
 class CriuHold:
     """Holds CRIU at one of its action-script points (pre-dump, post-dump,
     pre-restore, post-resume...) so that a fault lands at a known moment: an
@@ -349,15 +358,7 @@ class CriuHold:
         script = directory / "hold.sh"
         script.write_text(_HOLD_SCRIPT.format(dir=shlex.quote(str(directory))))
         script.chmod(0o700)
-        config = runtime.config_path(name)
-        text, block = lxc_config.split(config.read_text())
-        block = block or lxc_config.Block()
-        option = f"action-script {script}"
-        config.write_text(
-            lxc_config.with_block(
-                text, dataclasses.replace(block, criu_options=(*block.criu_options, option))
-            )
-        )
+        with_criu_option(runtime, name, f"action-script {script}")
 
     def arm(self, action: str) -> None:
         (self.directory / "armed").write_text(action)

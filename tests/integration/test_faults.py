@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from evictor import checkpoint, criu, lifecycle, lxc_config, reconcile, restore
+from evictor import checkpoint, criu, lifecycle, reconcile, restore
 from evictor.config import Config
 from evictor.daemon import Daemon
 from evictor.engine import Engine
@@ -44,6 +44,7 @@ from .conftest import (
     free_port,
     run_evictor,
     wait_until,
+    with_criu_option,
     write_config,
 )
 
@@ -217,15 +218,6 @@ def test_criu_killed_mid_eviction_leaves_the_workload_running_intact(
     assert journal.managed()[name].state is Managed.RUNNING
     assert store.image_state(name) is ImageState.NONE
     testbed.wait_alive(runtime, name, original=before)
-
-
-def with_criu_option(runtime: LxcRuntime, name: str, option: str) -> None:
-    """Add a CRIU option to the container's evictor block (its own, which win)."""
-    config = runtime.config_path(name)
-    text, block = lxc_config.split(config.read_text())
-    block = block or lxc_config.Block()
-    options = (*block.criu_options, option)
-    config.write_text(lxc_config.with_block(text, dataclasses.replace(block, criu_options=options)))
 
 
 @pytest.mark.parametrize("lock", [criu.NFTABLES_LOCK, "network-lock iptables"])
