@@ -80,6 +80,10 @@ def start(commands: Commands, *, close_fds: Iterable[int] = ()) -> CommandServer
     stop_read, stop_write = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
+        # Not the daemon's wakeup fd: a command's SIGINT handler would write the
+        # signal into the daemon's pipe, and the daemon would stop as if its own
+        # Ctrl-C had come. Dropped before close_fds (the daemon's pipe among them).
+        signal.set_wakeup_fd(-1)
         os.close(stop_write)
         for fd in close_fds:
             os.close(fd)

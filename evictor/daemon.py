@@ -78,6 +78,7 @@ class Daemon:
         self._scheduler: BackgroundScheduler | None = None
         self._server: WSGIServer | None = None
         self._lock_fd: int | None = None
+        self._signal_pipe: tuple[int, ...] = ()  # (read, write): see run
 
     # --- start-up ---
 
@@ -88,7 +89,9 @@ class Daemon:
         self.engine.ensure_state_dir()
         self._hold_daemon_lock()
         if self.commands is not None and self._lock_fd is not None:
-            self._command_server = command_server.start(self.commands, close_fds=(self._lock_fd,))
+            self._command_server = command_server.start(
+                self.commands, close_fds=(self._lock_fd, *self._signal_pipe)
+            )
         self.engine.start_up()
 
     def _hold_daemon_lock(self) -> None:
@@ -261,6 +264,7 @@ class Daemon:
         do nothing (a lock taken in a handler can deadlock the code it interrupts).
         """
         signals_read, signals_written = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._signal_pipe = (signals_read, signals_written)
         for signum in _HANDLED_SIGNALS:
             signal.signal(signum, _read_from_the_wakeup_pipe)
         previous_wakeup_fd = signal.set_wakeup_fd(signals_written, warn_on_full_buffer=False)
@@ -273,6 +277,7 @@ class Daemon:
             signal.set_wakeup_fd(previous_wakeup_fd)
             os.close(signals_read)
             os.close(signals_written)
+            self._signal_pipe = ()
         self.stop()
         return 0
 

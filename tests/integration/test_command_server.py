@@ -102,9 +102,12 @@ def test_signals_reach_the_command_and_a_stop_waits_for_it(
     assert asked.process.wait(timeout=30) == 130
     assert "evictor: interrupted" in asked.output()
     assert images.image_state(name) is ImageState.COMMITTED  # nothing changed
+    # ... and only the command: the daemon would stop within a tick of reading it.
+    time.sleep(1.0)
+    assert process.process is not None and process.process.poll() is None, process.log()
+    assert "received" not in process.log()
 
     # The server follows the daemon, not the signals that match its command line.
-    assert process.process is not None
     daemon_process = psutil.Process(process.process.pid)
     (server,) = [c for c in daemon_process.children() if c.cmdline() == daemon_process.cmdline()]
     for signum in (signal.SIGTERM, signal.SIGHUP):
