@@ -48,6 +48,10 @@ RELEASE_SETTLE_SECONDS = 0.5
 # A trial dump that fails for a cause that may pass is tried this often, this far apart.
 TRIAL_ATTEMPTS = 3
 TRIAL_PAUSE_SECONDS = 1.0
+# An eviction whose dump met a message the container had not read yet (it came as
+# the tasks were frozen) is tried again once, after the container has run a moment.
+EVICT_ATTEMPTS = 2
+EVICT_RETRY_PAUSE_SECONDS = 0.5
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,70 +120,23 @@ def evict(
     started = time.monotonic()
     with store.lock(name):
         settle(runtime, store, journal, name)
-        config, dump_options = preflight(runtime, store, name)
-        usage_bytes = runtime.memory_usage_bytes(name) or 0
-        _check_room(store, name, usage_bytes)
-        addresses = runtime.ipv4_addresses(name)
-        # For a rollback: to tell threads the dump left stopped from those stopped
-        # already, and to name the processes a killed CRIU took with it.
-        stopped_before = runtime.stopped_threads(name)
-        processes_before = runtime.processes(name)
-        lifecycle.move(journal, name, Managed.EVICTING, at=time.time(), reason=reason)
-        phase = Phase.DUMP
-        try:
-            image_dir = store.begin(name)
-            dump_started = time.monotonic()
-            runtime.checkpoint(name, image_dir, criu_options=dump_options)
-            dump_seconds = time.monotonic() - dump_started
-            state = runtime.state(name)
-            if state is not ContainerState.STOPPED:
-                raise CheckpointFailed(
-                    f"{name}: is {state.value} after a successful dump", container=name, phase=phase
+        for attempt in range(1, EVICT_ATTEMPTS + 1):
+            try:
+                manifest = _evict_once(runtime, store, journal, name, reason=reason)
+                break
+            except CheckpointFailed as failure:
+                if (
+                    attempt == EVICT_ATTEMPTS
+                    or not criu.cause_is_unread(failure.log_lines)
+                    or runtime.state(name) is not ContainerState.RUNNING
+                ):
+                    raise
+                log.warning(
+                    "%s: trying again in %.1f s, once it has read its messages",
+                    name,
+                    EVICT_RETRY_PAUSE_SECONDS,
                 )
-            phase = Phase.SEAL
-            files = store.seal(name)
-            if config.idmap is not None:
-                store.share_with(name, config.idmap)
-            phase = Phase.COMMIT
-            manifest = store.commit_dump(
-                name,
-                files=files,
-                lxc_path=runtime.lxc_path,
-                reason=reason,
-                memory_usage_bytes=usage_bytes,
-                dump_duration_seconds=dump_seconds,
-                dump_stats=_dump_stats(image_dir),
-                evicted_at=time.time(),
-                ipv4_addresses=addresses,
-            )
-        except BaseException as error:
-            failure = _as_failure(error, name, phase)
-            ended = _roll_back(
-                runtime, store, journal, name, failure or error, stopped_before, processes_before
-            )
-            if failure is None:
-                raise
-            if ended:
-                failure = CheckpointFailed(
-                    f"{failure}; {ended}",
-                    container=name,
-                    phase=failure.phase,
-                    log_lines=failure.log_lines,
-                    persistent=failure.persistent,
-                )
-            journal.record(
-                Event(
-                    container=name,
-                    at=time.time(),
-                    kind=EventKind.EVICT_FAILED,
-                    detail=str(failure).removeprefix(f"{name}: "),
-                    persistent=failure.persistent,
-                    config_digest=runtime.config_digest(name),
-                )
-            )
-            if failure is error:
-                raise
-            raise failure from error
+                time.sleep(EVICT_RETRY_PAUSE_SECONDS)
         lifecycle.move(
             journal, name, Managed.EVICTED, at=manifest.evicted_at, reason=reason, drained=drained
         )
@@ -198,13 +155,85 @@ def evict(
         "evicted %s (%s): %d bytes in use, image %d bytes, %.2f s (dump %.2f s, frozen %.2f s)",
         name,
         reason,
-        usage_bytes,
+        manifest.memory_usage_bytes,
         manifest.image_bytes,
         eviction.duration_seconds,
-        dump_seconds,
+        manifest.dump_duration_seconds,
         manifest.dump_stats.frozen_time_us / 1e6,
     )
     return eviction
+
+
+def _evict_once(
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str, *, reason: str
+) -> Manifest:
+    """One attempt: preflight, dump, seal, commit; a failure is rolled back, recorded
+    in the journal, and raised."""
+    config, dump_options = preflight(runtime, store, name)
+    usage_bytes = runtime.memory_usage_bytes(name) or 0
+    _check_room(store, name, usage_bytes)
+    addresses = runtime.ipv4_addresses(name)
+    # For a rollback: to tell threads the dump left stopped from those stopped
+    # already, and to name the processes a killed CRIU took with it.
+    stopped_before = runtime.stopped_threads(name)
+    processes_before = runtime.processes(name)
+    lifecycle.move(journal, name, Managed.EVICTING, at=time.time(), reason=reason)
+    phase = Phase.DUMP
+    try:
+        image_dir = store.begin(name)
+        dump_started = time.monotonic()
+        runtime.checkpoint(name, image_dir, criu_options=dump_options)
+        dump_seconds = time.monotonic() - dump_started
+        state = runtime.state(name)
+        if state is not ContainerState.STOPPED:
+            raise CheckpointFailed(
+                f"{name}: is {state.value} after a successful dump", container=name, phase=phase
+            )
+        phase = Phase.SEAL
+        files = store.seal(name)
+        if config.idmap is not None:
+            store.share_with(name, config.idmap)
+        phase = Phase.COMMIT
+        manifest = store.commit_dump(
+            name,
+            files=files,
+            lxc_path=runtime.lxc_path,
+            reason=reason,
+            memory_usage_bytes=usage_bytes,
+            dump_duration_seconds=dump_seconds,
+            dump_stats=_dump_stats(image_dir),
+            evicted_at=time.time(),
+            ipv4_addresses=addresses,
+        )
+    except BaseException as error:
+        failure = _as_failure(error, name, phase)
+        ended = _roll_back(
+            runtime, store, journal, name, failure or error, stopped_before, processes_before
+        )
+        if failure is None:
+            raise
+        if ended:
+            failure = CheckpointFailed(
+                f"{failure}; {ended}",
+                container=name,
+                phase=failure.phase,
+                log_lines=failure.log_lines,
+                persistent=failure.persistent,
+            )
+        journal.record(
+            Event(
+                container=name,
+                at=time.time(),
+                kind=EventKind.EVICT_FAILED,
+                detail=str(failure).removeprefix(f"{name}: "),
+                persistent=failure.persistent,
+                config_digest=runtime.config_digest(name),
+            )
+        )
+        if failure is error:
+            raise
+        raise failure from error
+    return manifest
 
 
 def trial_dump(

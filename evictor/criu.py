@@ -26,6 +26,16 @@ RESTORE_LOG = "restore.log"
 _HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
 _SUMMARY_ERRORS = ("Dumping FAILED.", "Restoring FAILED.")
 _LOG_TAIL_BYTES = 16 << 10  # CRIU's last lines, its summary among them
+# A message the container had not read when its tasks were frozen: gone once it
+# has run a moment.
+_UNREAD_CAUSES = (
+    # a netlink socket with unread messages (networkd just got a DHCP lease, an
+    # address finished its duplicate detection)
+    "The socket has data to read",
+    # a message still queued on a unix socket that asks for its sender's credentials
+    # (SO_PASSCRED, SO_PASSPIDFD): systemd's notify socket and journald's, until read
+    "Control messages in queue",
+)
 # Causes that come from the moment, not from the container: the next dump may work.
 _PASSING_CAUSES = (
     "No space left on device",
@@ -34,11 +44,7 @@ _PASSING_CAUSES = (
     "Input/output error",
     "Interrupted system call",
     "Resource temporarily unavailable",
-    # a netlink socket with unread messages (networkd just got a DHCP lease)
-    "The socket has data to read",
-    # a message still queued on a unix socket that asks for its sender's credentials
-    # (SO_PASSCRED, SO_PASSPIDFD): systemd's notify socket and journald's, until read
-    "Control messages in queue",
+    *_UNREAD_CAUSES,
 )
 
 
@@ -76,6 +82,12 @@ def cause_persists(error_lines: tuple[str, ...]) -> bool:
     return bool(error_lines) and not any(
         cause in line for line in error_lines for cause in _PASSING_CAUSES
     )
+
+
+def cause_is_unread(error_lines: tuple[str, ...]) -> bool:
+    """Whether CRIU's first error is a message the container had not read yet, which
+    the next dump, a moment later, will most likely not meet."""
+    return bool(error_lines) and any(cause in error_lines[0] for cause in _UNREAD_CAUSES)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -151,19 +151,32 @@ def test_a_missing_criu_is_a_preflight_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("lines", "persists"),
+    ("lines", "persists", "unread"),
     [
-        (("Error (criu/tty.c:410): tty: Found slave peer index 0",), True),
-        (("Error (criu/files.c:1): Can't dump file 7 of that type",), True),
-        (("Error (criu/image.c:1): Unable to write: No space left on device",), False),
-        (("Error (criu/sk-netlink.c:77): netlink: The socket has data to read",), False),
-        (("Error (criu/sk-queue.c:144): skqueue: Control messages in queue",), False),
-        ((), False),  # CRIU killed or timed out: it logged no reason
+        (("Error (criu/tty.c:410): tty: Found slave peer index 0",), True, False),
+        (("Error (criu/files.c:1): Can't dump file 7 of that type",), True, False),
+        (("Error (criu/image.c:1): Unable to write: No space left on device",), False, False),
+        (("Error (criu/sk-netlink.c:77): netlink: The socket has data to read",), False, True),
+        (("Error (criu/sk-queue.c:144): skqueue: Control messages in queue",), False, True),
+        # the root cause is the first line: what follows is its consequence
+        (("Error (criu/tty.c:410): tty: x", "netlink: The socket has data to read"), False, False),
+        ((), False, False),  # CRIU killed or timed out: it logged no reason
     ],
-    ids=["tty", "unsupported fd", "disk full", "netlink data", "queued credentials", "no reason"],
+    ids=[
+        "tty",
+        "unsupported fd",
+        "disk full",
+        "netlink data",
+        "queued credentials",
+        "unread after",
+        "no reason",
+    ],
 )
-def test_only_a_cause_in_the_container_persists(lines: tuple[str, ...], persists: bool) -> None:
+def test_only_a_cause_in_the_container_persists_and_an_unread_message_passes_soon(
+    lines: tuple[str, ...], persists: bool, unread: bool
+) -> None:
     assert criu.cause_persists(lines) is persists
+    assert criu.cause_is_unread(lines) is unread
 
 
 def test_a_dump_criu_gave_up_is_told_from_one_it_was_killed_in(tmp_path: Path) -> None:

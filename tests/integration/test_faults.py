@@ -291,6 +291,42 @@ def test_a_process_that_ends_during_a_failed_dump_is_named(
     assert runtime.state(name) is ContainerState.RUNNING
 
 
+def test_a_message_that_came_while_the_container_was_frozen_is_read_and_the_dump_tried_again(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    criu_hold: Callable[[str], CriuHold],
+) -> None:
+    """A netlink message that reaches a frozen task fails its dump ("The socket has
+    data to read": a stock container's networkd, just booted, met it in CI). Once
+    thawed the task reads it, so the eviction is tried again and succeeds. Here the
+    reader is busybox mdev, listening for uevents, and the message the uevent of a
+    veth pair added to the container's network namespace where CRIU holds."""
+    name = workload(start=False)
+    inittab = runtime.lxc_path / name / "rootfs/etc/inittab"
+    inittab.write_text(inittab.read_text() + "::respawn:/bin/busybox mdev -df\n")
+    runtime.start(name)
+    before = testbed.wait_for_counter(runtime, name, above=0)
+    hold = criu_hold(name)
+    hold.arm("network-lock")  # the tasks are frozen, their files not yet dumped
+    thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
+    hold.wait_reached()
+    in_its_network = ["nsenter", f"--target={runtime.init_pid(name)}", "--net", "--"]
+    veth_pair = ["ip", "link", "add", "evt-a", "type", "veth", "peer", "evt-b"]
+    subprocess.run([*in_its_network, *veth_pair], check=True)
+    hold.release()
+    thread.join(timeout=120)
+    assert not errors, errors
+    failed, evicted = journal.events()
+    assert failed.kind is EventKind.EVICT_FAILED and "has data to read" in failed.detail
+    assert evicted.kind is EventKind.EVICTED
+    assert store.image_state(name) is ImageState.COMMITTED
+    restore.restore(runtime, store, journal, name)
+    after = testbed.wait_for_counter(runtime, name, above=before.counter)
+    assert after.incarnation == before.incarnation  # its state, not a fresh start
+
+
 def test_a_written_dump_criu_failed_itself_is_never_restored_over_the_container(
     runtime: LxcRuntime,
     store: ImageStore,
