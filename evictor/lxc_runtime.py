@@ -374,9 +374,9 @@ class LxcRuntime:
         config = self.container_config(name)
         argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-D", str(image_dir)]
         options = (*criu_options, *config.criu_options)
-        result = self._run_criu(argv if leave_running else [*argv, "-s"], options)
+        result = self._run_criu(argv if leave_running else [*argv, "-s"], image_dir, options)
         if result.returncode != 0:
-            criu_errors = self._criu_errors(image_dir, criu.DUMP_LOG, killed=result.returncode < 0)
+            criu_errors = _criu_errors(image_dir, criu.DUMP_LOG)
             lines = criu_errors or _last_output_line(result)
             raise CheckpointFailed(
                 f"{name}: CRIU dump failed: {lines[0] if lines else 'no reason logged'}",
@@ -404,11 +404,11 @@ class LxcRuntime:
         options = (*config.criu_options, *_userns_veth_options(config), *criu_options)
         argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-r", "-d"]
         with _RESTORING:
-            result = self._run_criu([*argv, "-D", str(image_dir)], options, environment)
+            result = self._run_criu(
+                [*argv, "-D", str(image_dir)], image_dir, options, environment, restoring=True
+            )
         if result.returncode != 0:
-            killed = result.returncode < 0
-            lines = self._criu_errors(image_dir, criu.RESTORE_LOG, killed=killed)
-            lines = lines or _last_output_line(result)
+            lines = _criu_errors(image_dir, criu.RESTORE_LOG) or _last_output_line(result)
             raise RestoreFailed(
                 f"{name}: CRIU restore failed: {lines[0] if lines else 'no reason logged'}",
                 container=name,
@@ -419,12 +419,21 @@ class LxcRuntime:
     def _run_criu(
         self,
         argv: list[str],
+        image_dir: Path,
         criu_options: tuple[str, ...],
         environment: dict[str, str] | None = None,
+        *,
+        restoring: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        """Run lxc-checkpoint with ``criu_options`` in a CRIU config file of its own:
-        criu adds the file's options to those LXC passes (PLATFORM.md), and the
-        file holds whatever scripts the options name."""
+        """Run lxc-checkpoint on ``image_dir`` with ``criu_options`` in a CRIU config
+        file of its own: criu adds the file's options to those LXC passes
+        (PLATFORM.md), and the file holds whatever scripts the options name.
+
+        The file outlives every criu that may read it. An lxc-checkpoint killed
+        early leaves its children to start criu later (LXC forks criu after the
+        container's pre-start hooks): a criu without the file would restore past
+        evictor's gate, unverified. So a failed run is followed by the wait for
+        the tools (:meth:`_wait_for_tools`) before the file goes."""
         with tempfile.TemporaryDirectory(prefix="evictor-criu-") as directory:
             lines = list(criu_options)
             if any(option.startswith("external netdev[") for option in lines):
@@ -434,28 +443,29 @@ class LxcRuntime:
                 lines.append(f"action-script {script}")
             config = Path(directory) / "criu.conf"
             config.write_text("".join(f"{line}\n" for line in lines))
-            return self._run(argv, {**(environment or {}), "CRIU_CONFIG_FILE": str(config)})
+            result = self._run(argv, {**(environment or {}), "CRIU_CONFIG_FILE": str(config)})
+            if result.returncode != 0:
+                self._wait_for_tools(image_dir, killed=result.returncode < 0, restoring=restoring)
+            return result
 
-    def _criu_errors(self, image_dir: Path, log_name: str, *, killed: bool) -> tuple[str, ...]:
-        """CRIU's reasons from its log, once no criu still writes it: lxc-checkpoint
-        may return before a failed restore's tasks have logged why (PLATFORM.md).
+    def _wait_for_tools(self, image_dir: Path, *, killed: bool, restoring: bool) -> None:
+        """Wait, after lxc-checkpoint failed, until no criu still works on the image
+        (and writes its log): lxc-checkpoint may return before a failed restore's
+        tasks have logged why (PLATFORM.md).
 
-        An lxc-checkpoint that was ``killed`` leaves its criu working on. A dump
+        An lxc-checkpoint that was ``killed`` leaves its children working on. A dump
         can finish without it: the wait lasts until criu is done (or the command
-        timeout), so that what follows sees the container as criu left it. A
-        restore cannot (LXC's side of it is gone): its criu is killed.
+        timeout), so that what follows sees the container as criu left it. So can a
+        restore while LXC's side of it lives (the monitor to be); a criu ``restoring``
+        that no lxc-checkpoint drives any more is killed.
         """
         wait_seconds = self.command_timeout_seconds if killed else CRIU_LOG_WAIT_SECONDS
         deadline = time.monotonic() + wait_seconds
         grace_ends = time.monotonic() + CRIU_LOG_WAIT_SECONDS
         while self.tools_using(image_dir) and time.monotonic() < deadline:
-            if killed and log_name == criu.RESTORE_LOG and time.monotonic() > grace_ends:
+            if killed and restoring and time.monotonic() > grace_ends:
                 self.kill_orphaned_restore(image_dir)
             time.sleep(0.05)
-        try:
-            return criu.log_errors((image_dir / log_name).read_text(errors="replace"))
-        except FileNotFoundError:
-            return ()
 
     def kill_orphaned_restore(self, image_dir: Path) -> list[int]:
         """SIGKILL a ``criu restore`` of ``image_dir`` that no lxc-checkpoint drives any
@@ -707,6 +717,14 @@ while read -r ifname inside; do
     ip link add name "$host" type veth peer name "$inside" || exit 1
 done
 """
+
+
+def _criu_errors(image_dir: Path, log_name: str) -> tuple[str, ...]:
+    """CRIU's reasons from its log in ``image_dir`` (none if it wrote no log)."""
+    try:
+        return criu.log_errors((image_dir / log_name).read_text(errors="replace"))
+    except FileNotFoundError:
+        return ()
 
 
 def _last_output_line(result: subprocess.CompletedProcess[str]) -> tuple[str, ...]:
