@@ -172,10 +172,21 @@ def gave_up_dump(image_dir: Path) -> bool:
     """Whether CRIU's log in ``image_dir`` says it failed the dump itself ("Dumping
     FAILED.", among its last lines): it then let the tasks run on. A CRIU that was
     killed wrote no such line."""
+    return _log_ends_with(image_dir / DUMP_LOG, b"Dumping FAILED.")
+
+
+def gave_up_restore(image_dir: Path) -> bool:
+    """Whether CRIU's log in ``image_dir`` says it failed the restore itself
+    ("Restoring FAILED."): it then killed the tasks it had made."""
+    return _log_ends_with(image_dir / RESTORE_LOG, b"Restoring FAILED.")
+
+
+def _log_ends_with(log_path: Path, summary: bytes) -> bool:
+    """Whether ``summary`` is among the last lines of the log."""
     try:
-        with open(image_dir / DUMP_LOG, "rb") as log_file:
+        with open(log_path, "rb") as log_file:
             log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
-            return b"Dumping FAILED." in log_file.read()
+            return summary in log_file.read()
     except FileNotFoundError:
         return False
 

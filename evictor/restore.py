@@ -167,6 +167,7 @@ def _restore_verifying_memory(runtime: LxcRuntime, store: ImageStore, manifest: 
                 raise problem[0] from None
             if (
                 gate.was_consulted()
+                and not criu.gave_up_restore(store.path(name))
                 and runtime.wait_for_state(name, ContainerState.RUNNING, RUNNING_TIMEOUT_SECONDS)
                 and not runtime.restore_leftovers(store.path(name))
             ):

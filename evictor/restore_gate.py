@@ -13,7 +13,10 @@ fails it, and the container stays STOPPED with its image intact.
 
 The script polls for the verdict file every 10 ms and checks that evictor is
 still alive: a FIFO would block forever for a writer that was killed before
-it opened it. The script is fixed text; the paths and evictor's
+it opened it. It lets the tasks go only while LXC's side of the restore lives
+(the lxc-checkpoint that started criu, the container's monitor to be): killed,
+it would leave them running with no monitor, a copy LXC calls STOPPED, beside
+the next restore. The script is fixed text; the paths and evictor's
 pid reach the script through the environment, never in a shell string.
 """
 
@@ -36,7 +39,15 @@ until [ -s "$EVICTOR_GATE_DIR/verdict" ]; do
     sleep 0.01
     polls=$((polls + 1))
 done
-[ "$(cat "$EVICTOR_GATE_DIR/verdict")" = verified ]
+[ "$(cat "$EVICTOR_GATE_DIR/verdict")" = verified ] || exit 1
+# The driver (LXC's side of the restore) must be an ancestor still: killed, it
+# leaves criu to a reaper.
+pid=$PPID
+while [ "${pid:-0}" -gt 1 ]; do
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$EVICTOR_GATE_DRIVER" ] && exit 0
+    pid=$(sed -n 's/^PPid:[[:space:]]*//p' "/proc/$pid/status" 2>/dev/null)
+done
+exit 1
 """
 
 VERIFIED = "verified"
@@ -48,14 +59,21 @@ class RestoreGate:
     """The gate for one restore, in ``directory`` (created root-only, removed on exit).
 
     ``owner_pid`` is the process whose death fails the gate: evictor itself.
+    ``driver`` is the name (comm) of the process that started criu and must still
+    be its ancestor when the gate opens.
     """
 
     def __init__(
-        self, directory: Path, timeout_seconds: float, owner_pid: int | None = None
+        self,
+        directory: Path,
+        timeout_seconds: float,
+        owner_pid: int | None = None,
+        driver: str = "lxc-checkpoint",
     ) -> None:
         self.directory = directory
         self.timeout_seconds = timeout_seconds
         self.owner_pid = os.getpid() if owner_pid is None else owner_pid
+        self.driver = driver
 
     def __enter__(self) -> RestoreGate:
         shutil.rmtree(self.directory, ignore_errors=True)  # left by a killed evictor
@@ -76,6 +94,7 @@ class RestoreGate:
         return {
             "EVICTOR_GATE_DIR": str(self.directory),
             "EVICTOR_GATE_PID": str(self.owner_pid),
+            "EVICTOR_GATE_DRIVER": self.driver,
             "EVICTOR_GATE_POLLS": str(max(1, round(self.timeout_seconds / POLL_SECONDS))),
         }
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -179,11 +180,25 @@ def test_only_a_cause_in_the_container_persists_and_an_unread_message_passes_soo
     assert criu.cause_is_unread(lines) is unread
 
 
-def test_a_dump_criu_gave_up_is_told_from_one_it_was_killed_in(tmp_path: Path) -> None:
-    log = tmp_path / "dump.log"
-    assert not criu.gave_up_dump(tmp_path)  # no log
+@pytest.mark.parametrize(
+    ("log_name", "summary", "gave_up"),
+    [
+        ("dump.log", "(01.2) Error (criu/cr-dump.c:2128): Dumping FAILED.", criu.gave_up_dump),
+        (
+            "restore.log",
+            "(01.2) Error (criu/cr-restore.c:2324): Restoring FAILED.",
+            criu.gave_up_restore,
+        ),
+    ],
+    ids=["dump", "restore"],
+)
+def test_a_run_criu_gave_up_is_told_from_one_it_was_killed_in(
+    tmp_path: Path, log_name: str, summary: str, gave_up: Callable[[Path], bool]
+) -> None:
+    log = tmp_path / log_name
+    assert not gave_up(tmp_path)  # no log
     log.write_text("(00.1) Writing image inventory\n" * 2000)  # killed: no summary
-    assert not criu.gave_up_dump(tmp_path)
+    assert not gave_up(tmp_path)
     with log.open("a") as f:
-        f.write("(01.2) Error (criu/cr-dump.c:2128): Dumping FAILED.\n")
-    assert criu.gave_up_dump(tmp_path)
+        f.write(f"{summary}\n")
+    assert gave_up(tmp_path)

@@ -730,6 +730,44 @@ def test_an_lxc_checkpoint_killed_before_it_started_criu_restores_through_the_ga
     testbed.wait_alive(runtime, name, original=before)
 
 
+def test_lxc_s_side_of_a_restore_killed_while_criu_restores_leaves_no_copy_running(
+    runtime: LxcRuntime,
+    store: ImageStore,
+    journal: Journal,
+    workload: WorkloadFactory,
+    criu_hold: Callable[[str], CriuHold],
+) -> None:
+    """The lxc-checkpoint that starts criu is to be the container's monitor. Killed
+    while criu restores, it leaves a criu that would set the tasks running with no
+    monitor: a copy of the container that LXC calls STOPPED, and the next restore
+    would run a second one beside it. evictor's gate lets the tasks run only while
+    LXC's side of the restore lives: the restore fails, the image is kept, and the
+    next one brings the container back, alone."""
+    name = workload(memory_mib=32)
+    before = testbed.wait_for_counter(runtime, name, above=0)
+    checkpoint.evict(runtime, store, journal, name)
+    hold = criu_hold(name)
+    hold.arm("pre-restore")
+    thread, errors = in_background(lambda: restore.restore(runtime, store, journal, name))
+    hold.wait_reached()
+    tools = [psutil.Process(pid) for pid in runtime.tools_using(store.path(name))]
+    (lxc_side,) = [  # the lxc-checkpoint that started criu: the monitor to be
+        tool
+        for tool in tools
+        if tool.name() == "lxc-checkpoint" and any(c.name() == "criu" for c in tool.children())
+    ]
+    lxc_side.kill()
+    hold.release()
+    thread.join(timeout=120)
+    assert len(errors) == 1 and isinstance(errors[0], RestoreFailed), errors
+    assert runtime.state(name) is ContainerState.STOPPED
+    assert testbed.stray_tasks(runtime, [name]) == []
+    assert store.image_state(name) is ImageState.COMMITTED
+    restore.restore(runtime, store, journal, name)
+    testbed.wait_alive(runtime, name, original=before)
+    assert testbed.stray_tasks(runtime, [name]) == []
+
+
 @pytest.mark.parametrize("own_mount", [False, True], ids=["store-on-root-fs", "store-own-mount"])
 def test_criu_killed_at_post_restore_leaves_no_frozen_copy(
     runtime: LxcRuntime,
