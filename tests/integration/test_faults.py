@@ -264,8 +264,13 @@ def test_criu_killed_mid_dump_leaves_no_network_lock(
 
 def network_ruleset(runtime: LxcRuntime, name: str) -> str:
     """The container's nftables ruleset (iptables' rules among them, on its nft backend)."""
-    argv = ["nsenter", f"--target={runtime.init_pid(name)}", "--net", "--", "nft", "list"]
-    return subprocess.run([*argv, "ruleset"], capture_output=True, text=True, check=True).stdout
+    argv = [*in_network_of(runtime, name), "nft", "list", "ruleset"]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def in_network_of(runtime: LxcRuntime, name: str) -> list[str]:
+    """The start of a command line that runs a host tool in the container's network."""
+    return ["nsenter", f"--target={runtime.init_pid(name)}", "--net", "--"]
 
 
 def test_a_process_that_ends_during_a_failed_dump_is_named(
@@ -314,9 +319,8 @@ def test_a_message_that_came_while_the_container_was_frozen_is_read_and_the_dump
     hold.arm("network-lock")  # the tasks are frozen, their files not yet dumped
     thread, errors = in_background(lambda: checkpoint.evict(runtime, store, journal, name))
     hold.wait_reached()
-    in_its_network = ["nsenter", f"--target={runtime.init_pid(name)}", "--net", "--"]
     veth_pair = ["ip", "link", "add", "evt-a", "type", "veth", "peer", "evt-b"]
-    subprocess.run([*in_its_network, *veth_pair], check=True)
+    subprocess.run([*in_network_of(runtime, name), *veth_pair], check=True)
     hold.release()
     thread.join(timeout=120)
     assert not errors, errors
