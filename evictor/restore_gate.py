@@ -39,13 +39,18 @@ until [ -s "$EVICTOR_GATE_DIR/verdict" ]; do
     sleep 0.01
     polls=$((polls + 1))
 done
-[ "$(cat "$EVICTOR_GATE_DIR/verdict")" = verified ] || exit 1
+read -r verdict < "$EVICTOR_GATE_DIR/verdict" && [ "$verdict" = verified ] || exit 1
 # The driver (LXC's side of the restore) must be an ancestor still: killed, it
-# leaves criu to a reaper.
+# leaves criu to a reaper. Builtins only: this is on the path to RUNNING.
 pid=$PPID
 while [ "${pid:-0}" -gt 1 ]; do
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$EVICTOR_GATE_DRIVER" ] && exit 0
-    pid=$(sed -n 's/^PPid:[[:space:]]*//p' "/proc/$pid/status" 2>/dev/null)
+    read -r name < "/proc/$pid/comm" || exit 1
+    [ "$name" = "$EVICTOR_GATE_DRIVER" ] && exit 0
+    parent=
+    while read -r key value; do
+        [ "$key" = PPid: ] && parent=$value && break
+    done < "/proc/$pid/status"
+    pid=$parent
 done
 exit 1
 """
