@@ -13,7 +13,7 @@ daemon serving the config (one that never acts on its own), ``--runs`` rounds of
   - raw: ``lxc-checkpoint -s`` (the bare dump, which leaves the image in the page
     cache), then flushing and dropping the image (the fair baseline: the least the
     raw tools must do to really free the memory), then ``lxc-checkpoint -r -d``
-    followed by the same wait for RUNNING evictor uses (liblxc's state wait).
+    followed by the same wait for RUNNING evictor uses (LxcRuntime.wait_for_state).
 The three take turns at going first. Medians, and the ratio of each round's pair:
 median and worst. ``dd`` writes as many bytes with ``conv=fdatasync`` once per
 size; memory freed (free memory, MemFree plus the per-CPU free lists, and Cached,

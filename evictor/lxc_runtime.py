@@ -46,6 +46,8 @@ CRIU_LOG_WAIT_SECONDS = 2.0
 COMMAND_TIMEOUT_SECONDS = 900.0
 
 
+# How often wait_for_state looks.
+STATE_POLL_SECONDS = 0.02
 # How long a killed restore's leftover tasks may take to end (freeing their memory).
 LEFTOVER_EXIT_SECONDS = 10.0
 
@@ -286,9 +288,17 @@ class LxcRuntime:
                 f"{name}: could not thaw the frozen container", container=name
             )
 
-    @_not_during_a_restore
     def wait_for_state(self, name: str, state: ContainerState, timeout_seconds: float) -> bool:
-        return bool(self._container(name).wait(state.value, math.ceil(timeout_seconds)))
+        """Whether the container is in ``state`` within the timeout. As with liblxc's
+        wait, a STOPPED container is not waited for: no monitor is bringing it up.
+        Polled: liblxc's wait keeps the GIL for all of it, and every other thread of
+        the process (the metrics server, the scheduler) would stop as long."""
+        deadline = time.monotonic() + timeout_seconds
+        while (now := self.state(name)) is not state:
+            if now is ContainerState.STOPPED or time.monotonic() >= deadline:
+                return False
+            time.sleep(STATE_POLL_SECONDS)
+        return True
 
     def container_config(self, name: str) -> ContainerConfig:
         """What the container's config says (effective values, includes resolved)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import stat
 import subprocess
@@ -212,6 +213,33 @@ def test_a_container_criu_cannot_dump_stays_running(
     (event,) = journal.events()
     assert event.kind is EventKind.EVICT_FAILED and "tty" in event.detail
     testbed.wait_alive(runtime, name, original=before)
+
+
+def test_a_wait_for_a_state_lets_the_other_threads_run(
+    runtime: LxcRuntime, workload: WorkloadFactory
+) -> None:
+    """liblxc's own wait keeps the GIL as long as it waits: the daemon's metrics
+    server and scheduler would stop with it. evictor's wait lets them run."""
+    name = workload()
+    ticks: list[float] = []
+    waited = threading.Event()
+
+    def tick() -> None:
+        while not waited.is_set():
+            ticks.append(time.monotonic())
+            time.sleep(0.01)
+
+    ticking = threading.Thread(target=tick)
+    ticking.start()
+    try:
+        while not ticks:
+            time.sleep(0.01)
+        assert not runtime.wait_for_state(name, ContainerState.STOPPED, 1.0)  # it runs on
+        ticks.append(time.monotonic())
+    finally:
+        waited.set()
+        ticking.join()
+    assert max(later - earlier for earlier, later in itertools.pairwise(ticks)) < 0.2
 
 
 def test_a_query_from_another_thread_during_a_restore_waits_for_it(
