@@ -325,8 +325,9 @@ def _toml_value(value: object) -> str:
 
 
 _HOLD_SCRIPT = """#!/bin/sh
-# Hold CRIU at the armed action-script point once, until released (or 120 s).
-[ "$CRTOOLS_SCRIPT_ACTION" = "$(cat {dir}/armed 2>/dev/null)" ] || exit 0
+# Hold CRIU at the armed action-script point, or LXC at the armed hook (its name
+# is the hook's third argument), once, until released (or 120 s).
+[ "${{CRTOOLS_SCRIPT_ACTION:-$3}}" = "$(cat {dir}/armed 2>/dev/null)" ] || exit 0
 rm -f {dir}/armed
 touch {dir}/reached
 i=0
@@ -350,15 +351,23 @@ class CriuHold:
     """Holds CRIU at one of its action-script points (pre-dump, post-dump,
     pre-restore, post-resume...) so that a fault lands at a known moment: an
     ``action-script`` among the CRIU options of the container's evictor block,
-    which evictor passes to every dump and restore of it."""
+    which evictor passes to every dump and restore of it. With ``lxc_hook``, it
+    holds LXC at that hook of the container instead (``pre-start``: LXC's side of
+    a restore, before it starts criu)."""
 
-    def __init__(self, runtime: LxcRuntime, name: str, directory: Path) -> None:
+    def __init__(
+        self, runtime: LxcRuntime, name: str, directory: Path, *, lxc_hook: str | None = None
+    ) -> None:
         self.directory = directory
         directory.mkdir(mode=0o700)
         script = directory / "hold.sh"
         script.write_text(_HOLD_SCRIPT.format(dir=shlex.quote(str(directory))))
         script.chmod(0o700)
-        with_criu_option(runtime, name, f"action-script {script}")
+        if lxc_hook is None:
+            with_criu_option(runtime, name, f"action-script {script}")
+        else:
+            config = runtime.config_path(name)
+            config.write_text(config.read_text() + f"lxc.hook.{lxc_hook} = {script}\n")
 
     def arm(self, action: str) -> None:
         (self.directory / "armed").write_text(action)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -681,16 +680,6 @@ def test_evictor_killed_while_criu_restores_loses_nothing(
     testbed.wait_alive(runtime, name, original=before)
 
 
-_PRE_START_HOLD = """#!/bin/sh
-# Hold LXC's side of a restore at the container's pre-start hook once armed.
-[ -e {dir}/armed ] || exit 0
-rm -f {dir}/armed
-touch {dir}/reached
-i=0
-while [ ! -e {dir}/release ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
-"""
-
-
 def test_an_lxc_checkpoint_killed_before_it_started_criu_restores_through_the_gate(
     runtime: LxcRuntime,
     store: ImageStore,
@@ -706,26 +695,20 @@ def test_an_lxc_checkpoint_killed_before_it_started_criu_restores_through_the_ga
     chaos run met it: the file went with the tool's end, criu restored unverified,
     and evictor called the running container FAILED.) A pre-start hook holds
     LXC's side here while the tool is killed."""
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    hook = hold / "pre-start.sh"
-    hook.write_text(_PRE_START_HOLD.format(dir=shlex.quote(str(hold))))
-    hook.chmod(0o700)
     name = workload(memory_mib=32, start=False)
-    config = runtime.config_path(name)
-    config.write_text(config.read_text() + f"lxc.hook.pre-start = {hook}\n")
-    runtime.start(name)
+    hold = CriuHold(runtime, name, tmp_path / "hold", lxc_hook="pre-start")
+    runtime.start(name)  # not armed: the hook lets the cold start through
     before = testbed.wait_for_counter(runtime, name, above=0)
     checkpoint.evict(runtime, store, journal, name)
 
-    (hold / "armed").touch()
+    hold.arm("pre-start")
     thread, errors = in_background(lambda: restore.restore(runtime, store, journal, name))
-    wait_until(lambda: (hold / "reached").exists(), "LXC's side of the restore at pre-start")
+    hold.wait_reached()
     tools = [psutil.Process(pid) for pid in runtime.tools_using(store.path(name))]
     (front,) = [tool for tool in tools if tool.ppid() == os.getpid()]  # what evictor ran
     front.kill()
     time.sleep(1.0)  # evictor sees the tool end
-    (hold / "release").touch()
+    hold.release()
     thread.join(timeout=120)
     assert not errors, errors
     assert "yet CRIU completed the verified restore" in caplog.text
