@@ -8,6 +8,7 @@ Layout under the store root (default /var/lib/evictor/images, mode 0711)::
     .NAME.lock         flock held by whoever is evicting or restoring NAME
     .NAME.kept-NS      an image set aside after a failure, for the operator
     .NAME.gate/        the restore gate while NAME is restored (restore_gate.py)
+    .NAME.criu/        the CRIU config file of a dump or restore of NAME (lxc_runtime.py)
     .NAME.trial/       a trial dump of NAME (evictor check --trial), removed after
 """
 
@@ -107,6 +108,12 @@ def seal_files(paths: list[Path]) -> tuple[ImageFile, ...]:
         _drop_from_page_cache(path)
         os.chmod(path, 0o600)
     return files
+
+
+def criu_config_directory(image_dir: Path) -> Path:
+    """Where a dump into (or a restore from) ``image_dir`` keeps its CRIU config
+    file: beside the image, ``.NAME.criu`` for ``NAME`` or ``.NAME.trial``."""
+    return image_dir.with_name(f".{image_dir.name.lstrip('.')}.criu")
 
 
 def is_memory_contents(file_name: str) -> bool:
@@ -352,9 +359,10 @@ class ImageStore:
         return self.root / f".{validate_container_name(container)}.gate"
 
     def discard(self, container: str) -> None:
-        """Remove the image, and the restore gate a killed evictor may have left."""
+        """Remove the image, and the restore gate and CRIU config a killed evictor
+        may have left."""
         shutil.rmtree(self.path(container), ignore_errors=False)
-        shutil.rmtree(self.gate_path(container), ignore_errors=True)
+        self._remove_run_leftovers(container)
         fsync_directory(self.root)
 
     def set_aside(self, container: str) -> None:
@@ -363,8 +371,12 @@ class ImageStore:
         and their page cache are freed (``remove_set_aside``)."""
         name = validate_container_name(container)
         os.rename(self.path(name), self.root / f".{name}{SET_ASIDE_MARK}{time.time_ns()}")
-        shutil.rmtree(self.gate_path(name), ignore_errors=True)
+        self._remove_run_leftovers(name)
         fsync_directory(self.root)
+
+    def _remove_run_leftovers(self, container: str) -> None:
+        shutil.rmtree(self.gate_path(container), ignore_errors=True)
+        shutil.rmtree(criu_config_directory(self.path(container)), ignore_errors=True)
 
     def remove_set_aside(self) -> None:
         """Delete what ``set_aside`` left (or a killed evictor did), in the background:

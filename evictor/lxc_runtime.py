@@ -15,6 +15,7 @@ import math
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -34,6 +35,7 @@ from evictor.errors import (
     Phase,
     RestoreFailed,
 )
+from evictor.images import criu_config_directory
 from evictor.model import ContainerConfig, ContainerState, IdMap, Nic
 
 log = logging.getLogger(__name__)
@@ -443,20 +445,29 @@ class LxcRuntime:
         early leaves its children to start criu later (LXC forks criu after the
         container's pre-start hooks): a criu without the file would restore past
         evictor's gate, unverified. So a failed run is followed by the wait for
-        the tools (:meth:`_wait_for_tools`) before the file goes."""
-        with tempfile.TemporaryDirectory(prefix="evictor-criu-") as directory:
+        the tools (:meth:`_wait_for_tools`) before the file goes.
+
+        The file's directory sits beside the image (``criu_config_directory``), not in
+        /tmp: one a killed evictor leaves is replaced by the next run on the image,
+        or removed with the image."""
+        directory = criu_config_directory(image_dir)
+        shutil.rmtree(directory, ignore_errors=True)  # left by a killed evictor
+        directory.mkdir(mode=0o700)
+        try:
             lines = list(criu_options)
             if any(option.startswith("external netdev[") for option in lines):
-                script = Path(directory) / "veth-pre-restore.sh"
+                script = directory / "veth-pre-restore.sh"
                 script.write_text(VETH_PRE_RESTORE_SCRIPT)
                 script.chmod(0o700)
                 lines.append(f"action-script {script}")
-            config = Path(directory) / "criu.conf"
+            config = directory / "criu.conf"
             config.write_text("".join(f"{line}\n" for line in lines))
             result = self._run(argv, {**(environment or {}), "CRIU_CONFIG_FILE": str(config)})
             if result.returncode != 0:
                 self._wait_for_tools(image_dir, killed=result.returncode < 0, restoring=restoring)
             return result
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _wait_for_tools(self, image_dir: Path, *, killed: bool, restoring: bool) -> None:
         """Wait, after lxc-checkpoint failed, until no criu still works on the image

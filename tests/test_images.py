@@ -12,7 +12,7 @@ import pytest
 
 from evictor.criu import DumpStats
 from evictor.errors import CorruptImage, ImageError, LockBusy, NoImage, UsageError
-from evictor.images import ImageState, ImageStore
+from evictor.images import ImageState, ImageStore, criu_config_directory
 from evictor.manifest import MANIFEST_NAME, Manifest
 from evictor.model import IdMap
 
@@ -200,6 +200,25 @@ def test_a_restored_image_is_set_aside_at_once_and_removed_in_the_background(
     while aside.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not aside.exists()
+
+
+@pytest.mark.parametrize("removal", ["discard", "set_aside"])
+def test_the_gate_and_criu_config_a_killed_evictor_left_go_with_the_image(
+    store: ImageStore, committed: Manifest, removal: str
+) -> None:
+    leftovers = [store.gate_path(NAME), criu_config_directory(store.path(NAME))]
+    for directory in leftovers:
+        directory.mkdir()
+        (directory / "left").write_text("by a killed evictor")
+    getattr(store, removal)(NAME)
+    assert [d for d in leftovers if d.exists()] == []
+    assert store.images() == []
+
+
+def test_the_criu_config_of_a_trial_dump_is_its_own() -> None:
+    root = Path("/store")
+    assert criu_config_directory(root / "c1") == root / ".c1.criu"
+    assert criu_config_directory(root / ".c1.trial") == root / ".c1.trial.criu"
 
 
 def test_images_lists_committed_and_partial(store: ImageStore, committed: Manifest) -> None:

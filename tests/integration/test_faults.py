@@ -28,7 +28,7 @@ from evictor.errors import (
     PreflightError,
     RestoreFailed,
 )
-from evictor.images import ImageState, ImageStore
+from evictor.images import ImageState, ImageStore, criu_config_directory
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.metrics import Metrics
@@ -619,6 +619,8 @@ def test_the_daemon_interrupted_at_each_step_loses_nothing(
     first = daemon(config("16MiB" if case.during == "evict" else "4GiB"))
     hold.wait_reached()
     image_dir = store.path(name)
+    criu_config = criu_config_directory(image_dir) / "criu.conf"
+    assert criu_config.is_file(), "the CRIU config file is kept beside the image"
     tools = runtime.tools_using(image_dir) if case.with_tools else []
     assert first.process is not None
     first.process.send_signal(case.signal)
@@ -641,6 +643,8 @@ def test_the_daemon_interrupted_at_each_step_loses_nothing(
     testbed.wait_alive(runtime, name, original=before)
     assert store.image_state(name) is ImageState.NONE
     assert not [p for p in store.root.iterdir() if not p.name.startswith(".")], "leftovers"
+    assert not criu_config.parent.exists(), "the killed daemon's CRIU config is removed"
+    assert not store.gate_path(name).exists()
 
 
 def test_evictor_killed_while_criu_restores_loses_nothing(
