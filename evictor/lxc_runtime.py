@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LXC_PATH = Path("/var/lib/lxc")
 # How long to wait, after lxc-checkpoint failed, for criu to finish its log.
 CRIU_LOG_WAIT_SECONDS = 2.0
+LOG_EVERY_SECONDS = 30.0  # while waiting for tools an interrupted evictor left
 # How long an lxc-checkpoint (and so a CRIU dump or restore) may take before it
 # is killed; a daemon that finds one still running at its start waits as long.
 COMMAND_TIMEOUT_SECONDS = 900.0
@@ -416,9 +417,7 @@ class LxcRuntime:
         options = (*config.criu_options, *_userns_veth_options(config), *criu_options)
         argv = ["lxc-checkpoint", "-P", str(self.lxc_path), "-n", name, "-r", "-d"]
         with _RESTORING:
-            result = self._run_criu(
-                [*argv, "-D", str(image_dir)], image_dir, options, environment, restoring=True
-            )
+            result = self._run_criu([*argv, "-D", str(image_dir)], image_dir, options, environment)
         if result.returncode != 0:
             lines = _criu_errors(image_dir, criu.RESTORE_LOG) or _last_output_line(result)
             raise RestoreFailed(
@@ -434,8 +433,6 @@ class LxcRuntime:
         image_dir: Path,
         criu_options: tuple[str, ...],
         environment: dict[str, str] | None = None,
-        *,
-        restoring: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         """Run lxc-checkpoint on ``image_dir`` with ``criu_options`` in a CRIU config
         file of its own: criu adds the file's options to those LXC passes
@@ -445,7 +442,7 @@ class LxcRuntime:
         early leaves its children to start criu later (LXC forks criu after the
         container's pre-start hooks): a criu without the file would restore past
         evictor's gate, unverified. So a failed run is followed by the wait for
-        the tools (:meth:`_wait_for_tools`) before the file goes.
+        the tools (:meth:`wait_for_tools`) before the file goes.
 
         The file's directory sits beside the image (``criu_config_directory``), not in
         /tmp: one a killed evictor leaves is replaced by the next run on the image,
@@ -463,46 +460,59 @@ class LxcRuntime:
             config = directory / "criu.conf"
             config.write_text("".join(f"{line}\n" for line in lines))
             result = self._run(argv, {**(environment or {}), "CRIU_CONFIG_FILE": str(config)})
-            if result.returncode != 0:
-                self._wait_for_tools(image_dir, killed=result.returncode < 0, restoring=restoring)
+            if result.returncode != 0:  # criu may work on, and log why later (PLATFORM.md)
+                killed = result.returncode < 0
+                self.wait_for_tools(
+                    image_dir,
+                    seconds=self.command_timeout_seconds if killed else CRIU_LOG_WAIT_SECONDS,
+                    orphan_grace_seconds=CRIU_LOG_WAIT_SECONDS,
+                    kill_at_end=killed,
+                )
             return result
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def _wait_for_tools(self, image_dir: Path, *, killed: bool, restoring: bool) -> None:
-        """Wait, after lxc-checkpoint failed, until no criu still works on the image
-        (and writes its log): lxc-checkpoint may return before a failed restore's
-        tasks have logged why (PLATFORM.md).
+    def wait_for_tools(
+        self, image_dir: Path, *, seconds: float, orphan_grace_seconds: float, kill_at_end: bool
+    ) -> None:
+        """Wait up to ``seconds`` until no lxc-checkpoint or criu works on ``image_dir``.
 
-        An lxc-checkpoint that was ``killed`` leaves its children working on. A dump
-        can finish without it: the wait lasts until criu is done (or the command
-        timeout), so that what follows sees the container as criu left it. So can a
-        restore while LXC's side of it lives (the monitor to be); a criu ``restoring``
-        that no lxc-checkpoint drives any more is killed.
+        A dump may complete without its lxc-checkpoint, and a restore while LXC's
+        side of it lives (the monitor to be). A ``criu restore`` that no
+        lxc-checkpoint drives any more cannot hand the container to LXC, and may wait
+        forever: it is killed once ``orphan_grace_seconds`` have passed (time for a
+        failing criu to log why). With ``kill_at_end``, whatever still works on the
+        image after ``seconds`` is killed too.
         """
-        wait_seconds = self.command_timeout_seconds if killed else CRIU_LOG_WAIT_SECONDS
-        deadline = time.monotonic() + wait_seconds
-        grace_ends = time.monotonic() + CRIU_LOG_WAIT_SECONDS
-        while self.tools_using(image_dir) and time.monotonic() < deadline:
-            if killed and restoring and time.monotonic() > grace_ends:
-                self.kill_orphaned_restore(image_dir)
+        started = time.monotonic()
+        next_log = started + LOG_EVERY_SECONDS
+        while pids := self.tools_using(image_dir):
+            waited = time.monotonic() - started
+            if waited >= seconds:
+                if kill_at_end:
+                    log.error("killing %s, at work on %s after %.0f s", pids, image_dir, waited)
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                return
+            if waited >= orphan_grace_seconds:
+                self._kill_orphaned_restore(image_dir)
+            if time.monotonic() >= next_log:
+                log.info("waiting for lxc-checkpoint/criu %s at work on %s", pids, image_dir)
+                next_log += LOG_EVERY_SECONDS
             time.sleep(0.05)
 
-    def kill_orphaned_restore(self, image_dir: Path) -> list[int]:
-        """SIGKILL a ``criu restore`` of ``image_dir`` that no lxc-checkpoint drives any
-        more (killed, or its daemon was): it can never hand the container to LXC,
-        and may wait for it forever. Returns the pids killed."""
+    def _kill_orphaned_restore(self, image_dir: Path) -> None:
         tools = {pid: self._argv(pid) for pid in self.tools_using(image_dir)}
         if any(Path(argv[0]).name == "lxc-checkpoint" for argv in tools.values() if argv):
-            return []
-        orphans = [pid for pid, argv in tools.items() if "restore" in argv]
-        for pid in orphans:
-            log.warning(
-                "killing criu restore %d of %s: no lxc-checkpoint drives it", pid, image_dir
-            )
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return orphans
+            return
+        for pid, argv in tools.items():
+            if "restore" in argv:
+                log.warning(
+                    "killing criu restore %d of %s: no lxc-checkpoint drives it", pid, image_dir
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def restore_leftovers(self, directory: Path) -> list[int]:
         """Pids of the tasks a killed ``criu restore`` left behind from the images in

@@ -29,10 +29,7 @@ evictor: settling first waits for any still working on the image.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import time
 
 from evictor import criu, lifecycle
@@ -46,33 +43,6 @@ from evictor.units import PAGE_SIZE_BYTES
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_SECONDS = 10.0  # for LXC to see a killed container stopped
-
-
-def _wait_for_tools(runtime: LxcRuntime, store: ImageStore, name: str) -> None:
-    """Wait for the tools an interrupted evictor left at work on ``name``: a dump
-    may complete on its own. A restore whose lxc-checkpoint is gone cannot, and
-    is killed at once; anything still running after the command timeout too."""
-    image_dir = store.path(name)
-    timeout_seconds = runtime.command_timeout_seconds
-    deadline = time.monotonic() + timeout_seconds
-    next_log = time.monotonic()
-    while pids := runtime.tools_using(image_dir):
-        if runtime.kill_orphaned_restore(image_dir):
-            log.warning("%s: its restore had lost its lxc-checkpoint: killed", name)
-        elif time.monotonic() > deadline:
-            log.error(
-                "%s: killing lxc-checkpoint/criu (pids %s) after %.0f s",
-                name,
-                pids,
-                timeout_seconds,
-            )
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        elif time.monotonic() >= next_log:
-            log.info("%s: waiting for an interrupted checkpoint or restore (pids %s)", name, pids)
-            next_log = time.monotonic() + 30
-        time.sleep(0.5)
 
 
 def dump_is_complete(store: ImageStore, name: str) -> bool:
@@ -114,7 +84,12 @@ def settle(runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str) 
     outcome: str | None
     try:
         if recorded in lifecycle.IN_FLIGHT:
-            _wait_for_tools(runtime, store, name)
+            runtime.wait_for_tools(  # a dump may complete on its own
+                store.path(name),
+                seconds=runtime.command_timeout_seconds,
+                orphan_grace_seconds=0.0,
+                kill_at_end=True,
+            )
             outcome = _settle_in_flight(runtime, store, journal, name, recorded)
         else:
             outcome = _settle_at_rest(runtime, store, journal, name, recorded)
