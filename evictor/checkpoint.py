@@ -30,7 +30,7 @@ from evictor.journal import Event, EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.manifest import Manifest
 from evictor.model import ContainerConfig, ContainerState, Managed, validate_container_name
-from evictor.reconcile import dump_is_written, settle
+from evictor.reconcile import dump_is_written, restore_uncommitted, settle
 
 log = logging.getLogger(__name__)
 
@@ -353,23 +353,7 @@ def _roll_back(
         log.warning("%s: %s", name, why)
         return "stopped during the dump; state lost"
     if state is ContainerState.STOPPED and store.image_state(name) is not ImageState.NONE:
-        try:
-            runtime.restore(name, store.path(name))
-        except EvictorError:
-            # The uncommitted image is the container's only state: set it aside
-            # where no later dump will remove it.
-            kept = store.quarantine(name)
-            lifecycle.move(
-                journal,
-                name,
-                Managed.FAILED,
-                at=time.time(),
-                reason=f"eviction failed and could not be undone; image kept at {kept}",
-            )
-            log.error(
-                "%s: could not restore after a failed eviction; its image is kept at %s", name, kept
-            )
-            raise
+        restore_uncommitted(runtime, store, journal, name, what="a failed eviction")
         state = runtime.state(name)
         not_running = ended = None  # restored from a complete dump: all came back
     if state is not ContainerState.RUNNING:

@@ -115,6 +115,10 @@ _DUMP_FIELDS = {
 DUMP_STATS_NAME = "stats-dump"
 _IMG_SERVICE_MAGIC = 0x55105940
 _STATS_MAGIC = 0x57093306
+# Other images start with CRIU's "common image" magic and their own.
+PSTREE_NAME = "pstree.img"
+_IMG_COMMON_MAGIC = 0x54564319
+_PSTREE_MAGIC = 0x50273030
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -189,6 +193,31 @@ def _log_ends_with(log_path: Path, summary: bytes) -> bool:
             return summary in log_file.read()
     except FileNotFoundError:
         return False
+
+
+def parse_dumped_pids(raw: bytes) -> frozenset[int]:
+    """The pids (in the container's PID namespace) of the processes a dump's
+    ``pstree.img`` holds: after the image's two magics, one ``pstree_entry`` per
+    process, each a 32-bit length and a message whose field 1 is the pid."""
+    if len(raw) < 8 or struct.unpack_from("<II", raw) != (_IMG_COMMON_MAGIC, _PSTREE_MAGIC):
+        raise CriuOutputError("not a CRIU process tree image")
+    pids, pos = set(), 8
+    while pos < len(raw):
+        length = struct.unpack_from("<I", raw, pos)[0] if pos + 4 <= len(raw) else len(raw)
+        if pos + 4 + length > len(raw):
+            raise CriuOutputError("truncated process tree image")
+        pid = _fields(raw[pos + 4 : pos + 4 + length]).get(1)
+        if not isinstance(pid, int):
+            raise CriuOutputError("process tree entry without a pid")
+        pids.add(pid)
+        pos += 4 + length
+    return frozenset(pids)
+
+
+def read_dumped_pids(image_dir: Path) -> frozenset[int]:
+    """The pids of the processes dumped into ``image_dir`` (parse_dumped_pids).
+    Raises OSError or CriuOutputError."""
+    return parse_dumped_pids((image_dir / PSTREE_NAME).read_bytes())
 
 
 def read_dump_stats(image_dir: Path) -> DumpStats:

@@ -194,6 +194,20 @@ class LxcRuntime:
             return frozenset()
         return cgroups.processes(cgroup.unified_path, self.proc_root)
 
+    def namespace_pids(self, name: str) -> frozenset[int]:
+        """The pids of the running container's processes as its own PID namespace
+        numbers them, as a dump records them (none if stopped)."""
+        found = set()
+        for pid, _ in self.processes(name):
+            try:
+                status = cgroups.read_text(self.proc_root / str(pid) / "status")
+            except OSError:
+                continue  # exited
+            ids = next(line.split()[1:] for line in status.splitlines() if line[:6] == "NSpid:")
+            if len(ids) > 1:
+                found.add(int(ids[1]))
+        return frozenset(found)
+
     def stopped_threads(self, name: str) -> frozenset[int]:
         """Threads of the running container that are stopped or traced (none if stopped)."""
         cgroup = self.memory_cgroup(name)

@@ -33,7 +33,13 @@ import logging
 import time
 
 from evictor import criu, lifecycle
-from evictor.errors import ContainerNotFound, CriuOutputError, ImageError, LockBusy
+from evictor.errors import (
+    ContainerNotFound,
+    CriuOutputError,
+    EvictorError,
+    ImageError,
+    LockBusy,
+)
 from evictor.images import ImageState, ImageStore
 from evictor.journal import Journal
 from evictor.lxc_runtime import LxcRuntime
@@ -60,6 +66,41 @@ def dump_is_written(store: ImageStore, name: str) -> bool:
     writes ``stats-dump``."""
     directory = store.path(name)
     return (directory / "inventory.img").is_file() and not criu.gave_up_dump(directory)
+
+
+def restore_uncommitted(
+    runtime: LxcRuntime, store: ImageStore, journal: Journal, name: str, *, what: str
+) -> None:
+    """Restore ``name``, stopped after ``what``, from the dump CRIU wrote and evictor
+    never committed. That image is the container's only state: if the restore
+    fails, it is set aside where no later dump removes it, the container is marked
+    FAILED, and the error raised."""
+    try:
+        runtime.restore(name, store.path(name))
+    except EvictorError:
+        kept = store.quarantine(name)
+        lifecycle.move(
+            journal,
+            name,
+            Managed.FAILED,
+            at=time.time(),
+            reason=f"{what} could not be undone; image kept at {kept}",
+        )
+        log.error("%s: could not restore after %s; its image is kept at %s", name, what, kept)
+        raise
+
+
+def _dumped_processes_ended(runtime: LxcRuntime, store: ImageStore, name: str) -> bool:
+    """Whether processes of the dump written into ``name``'s image are gone from the
+    running container: a CRIU killed as it stopped the tasks after a complete dump
+    left some dead, the rest frozen."""
+    if not dump_is_written(store, name):
+        return False
+    try:
+        dumped = criu.read_dumped_pids(store.path(name))
+    except (OSError, CriuOutputError):
+        return False
+    return bool(dumped - runtime.namespace_pids(name))
 
 
 def reconcile(runtime: LxcRuntime, store: ImageStore, journal: Journal) -> list[str]:
@@ -146,6 +187,21 @@ def _settle_in_flight(
         # it RUNNING while that frozen init lives. Now it is STOPPED, image kept.
         runtime.wait_for_state(name, ContainerState.STOPPED, STOP_TIMEOUT_SECONDS)
         state = runtime.state(name)
+    if (
+        was is Managed.EVICTING
+        and state is ContainerState.RUNNING
+        and _dumped_processes_ended(runtime, store, name)
+    ):
+        runtime.thaw_cgroups(name)  # frozen tasks would not die
+        runtime.stop(name)
+        try:
+            restore_uncommitted(runtime, store, journal, name, what="an interrupted eviction")
+        except EvictorError as error:
+            return f"its dump was complete, its tasks being stopped; {error}: FAILED, image kept"
+        store.discard_partial(name)
+        why = "eviction interrupted as its tasks were stopped; restored from its dump"
+        lifecycle.move(journal, name, Managed.RUNNING, at=now, reason=why)
+        return "its dump was complete, its tasks being stopped: restored from it, RUNNING"
     if state is ContainerState.RUNNING:
         runtime.thaw_cgroups(name)  # a freezer a killed CRIU held, which LXC does not see
         runtime.unlock_network(name)  # and the network lock it left

@@ -71,6 +71,27 @@ def test_restore_stats_are_not_dump_stats(fixtures: Path) -> None:
         criu.parse_dump_stats((fixtures / "criu/stats-restore").read_bytes())
 
 
+def test_the_dumped_pids_from_a_real_dump(fixtures: Path) -> None:
+    """A workload container's dump: its init (1) and memhog's two processes."""
+    assert criu.parse_dumped_pids((fixtures / "criu/pstree.img").read_bytes()) == {1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        struct.pack("<II", 0x55105940, 0x57093306),
+        struct.pack("<III", 0x54564319, 0x50273030, 4) + b"\x08\x01",
+        struct.pack("<IIH", 0x54564319, 0x50273030, 1),
+        struct.pack("<III", 0x54564319, 0x50273030, 2) + b"\x10\x01",
+    ],
+    ids=["empty", "stats-magic", "truncated-entry", "truncated-length", "no-pid"],
+)
+def test_a_malformed_process_tree_is_rejected(raw: bytes) -> None:
+    with pytest.raises(CriuOutputError):
+        criu.parse_dumped_pids(raw)
+
+
 def fake_criu(
     directory: Path, exit_status: int, *, nftables_lock: bool = True
 ) -> tuple[Path, Path]:
