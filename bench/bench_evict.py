@@ -14,8 +14,9 @@ daemon serving the config (one that never acts on its own), ``--runs`` rounds of
     cache), then flushing and dropping the image (the fair baseline: the least the
     raw tools must do to really free the memory), then ``lxc-checkpoint -r -d``
     followed by the same wait for RUNNING evictor uses (LxcRuntime.wait_for_state).
-The three take turns at going first. Medians, and the ratio of each round's pair:
-median and worst. ``dd`` writes as many bytes with ``conv=fdatasync`` once per
+The sides (the raw tools twice: the second is the control) take turns at going
+first, each on a settled disk (``Rounds.settle``). Medians, and the ratio of
+each round's pair: median and worst. ``dd`` writes as many bytes with ``conv=fdatasync`` once per
 size; memory freed (free memory, MemFree plus the per-CPU free lists, and Cached,
 2 s after) is read in the first round.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -36,6 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, start_daemon, timed
+from evictor.images import SET_ASIDE_MARK
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerState
@@ -125,6 +128,18 @@ class Rounds:
         self.raw_dir = BENCH_ROOT / "raw"
         self.lxc = ("-P", str(runtime.lxc_path), "-n", name)
 
+    def settle(self) -> None:
+        """Let the disk settle before a side: a restore's image, set aside, is removed
+        in the background (off evictor's path to RUNNING), and whichever side came
+        next would pay for that removal's I/O; then write back anything dirty."""
+        images = self.state / "images"
+        deadline = time.monotonic() + 120
+        while images.is_dir() and any(SET_ASIDE_MARK in p.name for p in images.iterdir()):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"images set aside in {images} were not removed")
+            time.sleep(0.05)
+        os.sync()
+
     def add(self, key: str, value: float) -> None:
         self.values.setdefault(key, []).append(value)
 
@@ -206,6 +221,7 @@ def one_size(size_mib: int, runs: int) -> list[str]:
                 # Rotate who goes first, so none always follows another's I/O.
                 turn = round_ % len(sides)
                 for side in sides[turn:] + sides[:turn]:
+                    rounds.settle()
                     side(measure_memory=round_ == 0)
         dd = dd_seconds(BENCH_ROOT / "dd.bin", rounds.median("image_mb"))
     m = rounds.median
