@@ -44,6 +44,7 @@ DEFAULT_LXC_PATH = Path("/var/lib/lxc")
 # How long to wait, after lxc-checkpoint failed, for criu to finish its log.
 CRIU_LOG_WAIT_SECONDS = 2.0
 LOG_EVERY_SECONDS = 30.0  # while waiting for tools an interrupted evictor left
+KILLED_EXIT_SECONDS = 5.0  # for a killed tool to be gone
 # How long an lxc-checkpoint (and so a CRIU dump or restore) may take before it
 # is killed; a daemon that finds one still running at its start waits as long.
 COMMAND_TIMEOUT_SECONDS = 900.0
@@ -203,7 +204,7 @@ class LxcRuntime:
                 status = cgroups.read_text(self.proc_root / str(pid) / "status")
             except OSError:
                 continue  # exited
-            ids = next(line.split()[1:] for line in status.splitlines() if line[:6] == "NSpid:")
+            ids = next((ln.split()[1:] for ln in status.splitlines() if ln[:6] == "NSpid:"), [])
             if len(ids) > 1:
                 found.add(int(ids[1]))
         return frozenset(found)
@@ -499,17 +500,18 @@ class LxcRuntime:
         image after ``seconds`` is killed too.
         """
         started = time.monotonic()
-        next_log = started + LOG_EVERY_SECONDS
+        deadline, next_log = started + seconds, started + LOG_EVERY_SECONDS
         while pids := self.tools_using(image_dir):
-            waited = time.monotonic() - started
-            if waited >= seconds:
-                if kill_at_end:
-                    log.error("killing %s, at work on %s after %.0f s", pids, image_dir, waited)
-                    for pid in pids:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                return
-            if waited >= orphan_grace_seconds:
+            now = time.monotonic()
+            if now >= deadline:
+                if not kill_at_end:
+                    return
+                log.error("killing %s, at work on %s after %.0f s", pids, image_dir, seconds)
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                kill_at_end, deadline = False, now + KILLED_EXIT_SECONDS  # then see them go
+            elif now - started >= orphan_grace_seconds:
                 self._kill_orphaned_restore(image_dir)
             if time.monotonic() >= next_log:
                 log.info("waiting for lxc-checkpoint/criu %s at work on %s", pids, image_dir)
