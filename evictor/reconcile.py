@@ -76,6 +76,9 @@ def restore_uncommitted(
     fails, it is set aside where no later dump removes it, the container is marked
     FAILED, and the error raised."""
     try:
+        idmap = runtime.container_config(name).idmap
+        if idmap is not None:  # its root restores it: let it read the image, as sealed
+            store.share_with(name, idmap)
         runtime.restore(name, store.path(name))
     except EvictorError:
         kept = store.quarantine(name)

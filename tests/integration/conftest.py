@@ -96,6 +96,17 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
     opened.close()
 
 
+@pytest.fixture
+def reachable_state_dir() -> Iterator[Path]:
+    """A state directory an unprivileged container's root can reach its image in
+    (pytest's own temporary directories are 0700)."""
+    TEST_ROOT.mkdir(parents=True, exist_ok=True)
+    os.chmod(TEST_ROOT, 0o711)
+    directory = TEST_ROOT / f"state-{os.getpid()}-{len(list(TEST_ROOT.iterdir()))}"
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 WorkloadFactory = Callable[..., str]
 
 

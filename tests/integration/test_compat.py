@@ -13,11 +13,8 @@ here is asserted to be reported by `check`, with CRIU's own error.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,6 @@ from evictor.tools import stock, testbed
 
 from .conftest import (
     MIB,
-    TEST_ROOT,
     StockFactory,
     WorkloadFactory,
     next_static_address,
@@ -40,17 +36,6 @@ from .conftest import (
 REDIS_KEYS = 2000
 # What a stock Debian container trips over here, all of which `prepare` remedies.
 STOCK_FINDINGS = {"tty", "apparmor", "systemd-cgroup", "nested-namespaces", "run-sharing", "ramfs"}
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A state directory an unprivileged container's root can reach its image in
-    (pytest's own temporary directories are 0700)."""
-    TEST_ROOT.mkdir(parents=True, exist_ok=True)
-    os.chmod(TEST_ROOT, 0o711)
-    directory = TEST_ROOT / f"state-{os.getpid()}-{len(list(TEST_ROOT.iterdir()))}"
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 class Operator:
@@ -102,10 +87,10 @@ def test_the_matrix(
     runtime: LxcRuntime,
     workload: WorkloadFactory,
     stock_container: StockFactory,
-    state_dir: Path,
+    reachable_state_dir: Path,
 ) -> None:
     lxc_path = runtime.lxc_path
-    operator = Operator(lxc_path, state_dir)
+    operator = Operator(lxc_path, reachable_state_dir)
     nic = {
         "none": stock.NO_NETWORK,
         "static": stock.Network.static(next_static_address()) if network == "static" else None,
@@ -151,7 +136,7 @@ def test_the_matrix(
         workload_before = testbed.wait_for_counter(runtime, name, above=0)
     port = stock.REDIS_PORT if systemd else testbed.ECHO_PORT
     held = stock.HeldConnection(address, port) if address else None
-    store = ImageStore(state_dir / "images")
+    store = ImageStore(reachable_state_dir / "images")
     try:
         for cycle in (1, 2):
             evicted = operator.run("evict", name)

@@ -185,23 +185,31 @@ def kill_child(pid: int) -> Callable[[LxcRuntime, str], None]:
 
 
 @pytest.mark.parametrize(
-    ("at", "fault"),
+    ("at", "fault", "unprivileged"),
     [
         # CRIU holds the whole container frozen and seized, its image written: the
         # rollback sees its threads run again before it calls it RUNNING.
-        ("post-dump", None),
+        ("post-dump", None, False),
         # CRIU froze the freezer and was killed before it seized the tasks (a chaos
         # run met it): the freezer stays frozen, LXC calls the container RUNNING.
         # The rollback thaws it.
-        ("pre-dump", freeze_as_criu_does),
+        ("pre-dump", freeze_as_criu_does, False),
         # After a complete dump CRIU kills the tasks one by one, and only then writes
         # stats-dump: killed in between (met once in about forty kills in the first
         # 300 ms of a 256 MiB dump), it leaves some tasks dead and LXC calling the
         # container RUNNING. The rollback stops the rest and restores them all from
         # the dump. Here the workload is killed by hand, its init left, as CRIU would.
-        ("post-dump", kill_the_workload),
+        ("post-dump", kill_the_workload, False),
+        # The same for an unprivileged container, whose root must be able to read
+        # the unsealed dump it is restored from.
+        ("post-dump", kill_the_workload, True),
     ],
-    ids=["holding-the-dumped-container", "after-it-froze-it", "as-it-stops-the-dumped-tasks"],
+    ids=[
+        "holding-the-dumped-container",
+        "after-it-froze-it",
+        "as-it-stops-the-dumped-tasks",
+        "as-it-stops-the-dumped-tasks-unprivileged",
+    ],
 )
 def test_criu_killed_mid_eviction_leaves_the_workload_running_intact(
     runtime: LxcRuntime,
@@ -211,8 +219,12 @@ def test_criu_killed_mid_eviction_leaves_the_workload_running_intact(
     criu_hold: Callable[[str], CriuHold],
     at: str,
     fault: Callable[[LxcRuntime, str], None] | None,
+    unprivileged: bool,
+    reachable_state_dir: Path,
 ) -> None:
-    name = workload(memory_mib=64)
+    if unprivileged:
+        store = ImageStore(reachable_state_dir / "images")
+    name = workload(memory_mib=64, unprivileged=unprivileged)
     before = testbed.wait_for_counter(runtime, name, above=0)
     evict_with_fault(runtime, store, journal, name, criu_hold(name), at, fault)
     assert runtime.state(name) is ContainerState.RUNNING
