@@ -182,7 +182,8 @@ def _evict_once(
     try:
         image_dir = store.begin(name)
         dump_started = time.monotonic()
-        runtime.checkpoint(name, image_dir, criu_options=dump_options)
+        with store.writing_back(name):
+            runtime.checkpoint(name, image_dir, criu_options=dump_options)
         dump_seconds = time.monotonic() - dump_started
         state = runtime.state(name)
         if state is not ContainerState.STOPPED:
