@@ -28,6 +28,11 @@ def stand_in(tmp_path: Path) -> Iterator[StandIn]:
         code = f"import time; time.sleep({seconds})"
         process = subprocess.Popen([tool, "-c", code, *arguments], executable=sys.executable)
         started.append(process)
+        cmdline = Path(f"/proc/{process.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while not cmdline.read_bytes().startswith(tool.encode() + b"\0"):  # until it has run
+            assert time.monotonic() < deadline, f"{tool} did not start"
+            time.sleep(0.005)
         return process
 
     yield start
