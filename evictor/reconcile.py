@@ -7,7 +7,9 @@ image. Whatever happened, each container ends RUNNING, or EVICTED with a
 complete committed image, or FAILED with its image kept for the operator:
 
 - EVICTING, container RUNNING (the dump failed or never began): the partial
-  image is removed.
+  image is removed. But if the dump was written and some of its processes are
+  gone (CRIU killed as it stopped them, one by one, after a complete dump), the
+  rest are stopped and all restored from that dump.
 - EVICTING or RESTORING, container FROZEN, or RUNNING with a cgroup frozen
   (CRIU killed while it held the freezer; LXC sees only its own freezes):
   thawed, then as RUNNING.
