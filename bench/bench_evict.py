@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, start_daemon, timed
-from evictor.images import SET_ASIDE_MARK
+from evictor.images import ImageStore
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.model import ContainerState
@@ -132,11 +132,11 @@ class Rounds:
         """Let the disk settle before a side: a restore's image, set aside, is removed
         in the background (off evictor's path to RUNNING), and whichever side came
         next would pay for that removal's I/O; then write back anything dirty."""
-        images = self.state / "images"
+        store = ImageStore(self.state / "images")
         deadline = time.monotonic() + 120
-        while images.is_dir() and any(SET_ASIDE_MARK in p.name for p in images.iterdir()):
+        while store.set_aside_paths():
             if time.monotonic() > deadline:
-                raise SystemExit(f"images set aside in {images} were not removed")
+                raise SystemExit(f"images set aside in {store.root} were not removed")
             time.sleep(0.05)
         os.sync()
 

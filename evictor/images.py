@@ -429,14 +429,16 @@ class ImageStore:
         shutil.rmtree(self.gate_path(container), ignore_errors=True)
         shutil.rmtree(criu_config_directory(self.path(container)), ignore_errors=True)
 
+    def set_aside_paths(self) -> list[Path]:
+        """The images ``set_aside`` left that are not yet removed."""
+        if not self.root.is_dir():
+            return []
+        return [p for p in self.root.iterdir() if SET_ASIDE_MARK in p.name]
+
     def remove_set_aside(self) -> None:
         """Delete what ``set_aside`` left (or a killed evictor did), in the background:
         an ``rm`` of its own session, which outlives a CLI that returns at once."""
-        entries = [
-            str(p)
-            for p in (self.root.iterdir() if self.root.is_dir() else ())
-            if SET_ASIDE_MARK in p.name
-        ]
+        entries = [str(p) for p in self.set_aside_paths()]
         if entries:
             subprocess.Popen(  # argv of paths the store made: no shell
                 ["rm", "-rf", "--", *entries],

@@ -512,14 +512,16 @@ class LxcRuntime:
                         os.kill(pid, signal.SIGKILL)
                 kill_at_end, deadline = False, now + KILLED_EXIT_SECONDS  # then see them go
             elif now - started >= orphan_grace_seconds:
-                self._kill_orphaned_restore(image_dir)
+                self._kill_orphaned_restore(image_dir, pids)
             if time.monotonic() >= next_log:
                 log.info("waiting for lxc-checkpoint/criu %s at work on %s", pids, image_dir)
                 next_log += LOG_EVERY_SECONDS
             time.sleep(0.05)
 
-    def _kill_orphaned_restore(self, image_dir: Path) -> None:
-        tools = {pid: self._argv(pid) for pid in self.tools_using(image_dir)}
+    def _kill_orphaned_restore(self, image_dir: Path, pids: list[int]) -> None:
+        """SIGKILL a ``criu restore`` among ``pids`` (the tools at work on
+        ``image_dir``) if no lxc-checkpoint is among them to drive it."""
+        tools = {pid: self._argv(pid) for pid in pids}
         if any(Path(argv[0]).name == "lxc-checkpoint" for argv in tools.values() if argv):
             return
         for pid, argv in tools.items():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from evictor.images import SET_ASIDE_MARK
+from evictor.images import ImageStore
 from evictor.journal import EventKind, Journal
 from evictor.lxc_runtime import LxcRuntime
 from evictor.tools import testbed
@@ -33,7 +33,7 @@ def leftovers(state: Path) -> set[str]:
     """Files under the state directory (the CRIU configs among them), once the images
     set aside by the last restores are deleted (in the background)."""
     wait_until(
-        lambda: not list((state / "images").glob(f"*{SET_ASIDE_MARK}*")),
+        lambda: not ImageStore(state / "images").set_aside_paths(),
         "the restored images' removal",
     )
     return {str(p) for p in state.rglob("*")}
