@@ -3,7 +3,8 @@ timed the same way: each side's commands by their wall time, as an operator
 runs them.
 
 For each size, on the same container and filesystem, with an ``evictor run``
-daemon serving the config (one that never acts on its own), ``--runs`` rounds of:
+daemon serving the config (one that never acts on its own), a round that is not
+counted (the warm-up), then ``--runs`` rounds of:
   - ``evictor evict`` (dump, seal: fdatasync + XXH3 + drop from the page cache,
     manifest), then ``evictor restore`` (verify, restore, wait for RUNNING,
     remove the image), run by the daemon's command server; the journal gives the
@@ -18,9 +19,10 @@ The sides (the raw tools twice: the second is the control) take turns at going
 first, each on a settled disk (``Rounds.settle``). Medians, and the ratio of
 each round's pair: median and worst. ``dd`` writes as many bytes with ``conv=fdatasync`` once per
 size; memory freed (free memory, MemFree plus the per-CPU free lists, and Cached,
-2 s after) is read in the first round.
+2 s after) is read in the first round. ``--per-round`` prints each round's times too.
 
     .venv/bin/python -m bench.bench_evict [--sizes-mib 16 64 256 1024 4096] [--runs 5]
+        [--per-round]
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class Rounds:
     def __init__(self, runtime: LxcRuntime, name: str) -> None:
         self.runtime, self.name = runtime, name
         self.values: dict[str, list[float]] = {}
+        self.orders: list[list[str]] = []  # each round's sides, in the order they ran
         self.config = BENCH_ROOT / "evictor.toml"
         self.state = BENCH_ROOT / "state"
         # The daemon ticks rarely and restores nothing (a restore would need a TiB
@@ -150,6 +153,18 @@ class Rounds:
         """Median and worst of each round's ours/raw."""
         pairs = [a / b for a, b in zip(self.values[ours], self.values[raw], strict=True)]
         return statistics.median(pairs), max(pairs)
+
+    def per_round(self, size_mib: int) -> list[str]:
+        """Each round's times, in seconds, after the order its sides ran in."""
+        return [
+            f"{size_mib} MiB, round {index + 1} ({' > '.join(order)}): "
+            + ", ".join(
+                f"{key.removesuffix('_s')} {values[index]:.2f}"
+                for key, values in self.values.items()
+                if key.endswith("_s")
+            )
+            for index, order in enumerate(self.orders)
+        ]
 
     def evictor(self, action: str, *, served: bool) -> float:
         own = () if served else ("--state-dir", str(self.state))  # not the daemon's
@@ -211,16 +226,27 @@ class Rounds:
         self.raw(measure_memory=False, side="raw_again")
 
 
-def one_size(size_mib: int, runs: int) -> list[str]:
+def one_size(size_mib: int, runs: int) -> tuple[list[str], list[str]]:
+    """The table's rows for one size, and each round's times."""
     with fleet(1, memory_mib=size_mib, prefix=f"evb{size_mib}") as runtime:
         (name,) = runtime.names()
         rounds = Rounds(runtime, name)
         with serving(rounds.config):
             sides = [rounds.served, rounds.own_process, rounds.raw, rounds.raw_again]
+            # A round first that is not counted: this machine's virtual disk reads
+            # back what was just written, where nothing was read before, at a third
+            # of its speed, and the side that came first in the first round paid for
+            # it alone (docs/benchmarks.md).
+            for side in sides:
+                rounds.settle()
+                side(measure_memory=False)
+            rounds.values.clear()
             for round_ in range(runs):
                 # Rotate who goes first, so none always follows another's I/O.
                 turn = round_ % len(sides)
-                for side in sides[turn:] + sides[:turn]:
+                order = sides[turn:] + sides[:turn]
+                rounds.orders.append([side.__name__ for side in order])
+                for side in order:
                     rounds.settle()
                     side(measure_memory=round_ == 0)
         dd = dd_seconds(BENCH_ROOT / "dd.bin", rounds.median("image_mb"))
@@ -234,7 +260,7 @@ def one_size(size_mib: int, runs: int) -> list[str]:
     restore_own, restore_own_worst = rounds.ratios("restore_own_s", "raw_restore_s")
     evict_control, evict_control_worst = rounds.ratios("raw_again_fair_s", "raw_fair_s")
     restore_control, restore_control_worst = rounds.ratios("raw_again_restore_s", "raw_restore_s")
-    return [
+    rows = [
         f"| {size_mib} MiB | evict | command {m('evict_cli_s'):.2f} s (own process"
         f" {m('evict_own_s'):.2f} s), in-process"
         f" {m('evict_s'):.2f} s ({image_mb / m('evict_s'):.0f} MB/s) |"
@@ -261,12 +287,16 @@ def one_size(size_mib: int, runs: int) -> list[str]:
         f" {m('restore_own_s') - m('raw_restore_s'):+.2f} s; control: raw again"
         f" {restore_control:.2f}x (worst {restore_control_worst:.2f}x) |",
     ]
+    return rows, rounds.per_round(size_mib)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 64, 256, 1024, 4096])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--per-round", action="store_true", help="after the table, each round's times"
+    )
     args = parser.parse_args()
     # Byte-compiled, as an installed evictor is (pip compiles it; a CLI that compiles
     # its modules at every start, under PYTHONDONTWRITEBYTECODE, is slower).
@@ -274,9 +304,13 @@ def main() -> None:
     print(f"{args.runs} rounds a size")
     print("| size | what | evictor (median) | raw tools, same run (median) | ratio, per round |")
     print("| --- | --- | --- | --- | --- |")
+    per_round: list[str] = []
     for size in args.sizes_mib:
-        for row in one_size(size, args.runs):
-            print(row, flush=True)
+        rows, times = one_size(size, args.runs)
+        print(*rows, sep="\n", flush=True)
+        per_round += times
+    if args.per_round:
+        print("\nEach round's times, in seconds:", *per_round, sep="\n")
 
 
 if __name__ == "__main__":
