@@ -19,7 +19,8 @@ The sides (the raw tools twice: the second is the control) take turns at going
 first, each on a settled disk (``Rounds.settle``). Medians, and the ratio of
 each round's pair: median and worst. ``dd`` writes as many bytes with ``conv=fdatasync`` once per
 size; memory freed (free memory, MemFree plus the per-CPU free lists, and Cached,
-2 s after) is read in the first round. ``--per-round`` prints each round's times too.
+2 s after) is read in the first round. ``--per-round`` prints each round's times too, and
+the CPU time the host took from the machine during each side (steal).
 
     .venv/bin/python -m bench.bench_evict [--sizes-mib 16 64 256 1024 4096] [--runs 5]
         [--per-round]
@@ -36,8 +37,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+import psutil
 
 from bench.fleet import BENCH_ROOT, fleet, flush_and_drop, start_daemon, timed
 from evictor.images import ImageStore
@@ -143,6 +146,14 @@ class Rounds:
             time.sleep(0.05)
         os.sync()
 
+    def run_side(self, side: Callable[..., None], *, measure_memory: bool) -> None:
+        """One side, on a settled disk; the CPU time the host took from this machine
+        meanwhile (steal, summed over its CPUs) is kept beside the side's times."""
+        self.settle()
+        stolen_before = psutil.cpu_times().steal
+        side(measure_memory=measure_memory)
+        self.add(f"{side.__name__}_steal_s", psutil.cpu_times().steal - stolen_before)
+
     def add(self, key: str, value: float) -> None:
         self.values.setdefault(key, []).append(value)
 
@@ -238,8 +249,7 @@ def one_size(size_mib: int, runs: int) -> tuple[list[str], list[str]]:
             # of its speed, and the side that came first in the first round paid for
             # it alone (docs/benchmarks.md).
             for side in sides:
-                rounds.settle()
-                side(measure_memory=False)
+                rounds.run_side(side, measure_memory=False)
             rounds.values.clear()
             for round_ in range(runs):
                 # Rotate who goes first, so none always follows another's I/O.
@@ -247,8 +257,7 @@ def one_size(size_mib: int, runs: int) -> tuple[list[str], list[str]]:
                 order = sides[turn:] + sides[:turn]
                 rounds.orders.append([side.__name__ for side in order])
                 for side in order:
-                    rounds.settle()
-                    side(measure_memory=round_ == 0)
+                    rounds.run_side(side, measure_memory=round_ == 0)
         dd = dd_seconds(BENCH_ROOT / "dd.bin", rounds.median("image_mb"))
     m = rounds.median
     image_mb = m("image_mb")
