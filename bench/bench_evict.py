@@ -245,8 +245,8 @@ def one_size(size_mib: int, runs: int) -> tuple[list[str], list[str]]:
         with serving(rounds.config):
             sides = [rounds.served, rounds.own_process, rounds.raw, rounds.raw_again]
             # A round first that is not counted: this machine's virtual disk reads
-            # back what was just written, where nothing was read before, at a third
-            # of its speed, and the side that came first in the first round paid for
+            # back what was just written, where nothing was read before, two to six
+            # times slower, and the side that came first in the first round paid for
             # it alone (docs/benchmarks.md).
             for side in sides:
                 rounds.run_side(side, measure_memory=False)
